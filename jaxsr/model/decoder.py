@@ -1,0 +1,257 @@
+"""The Llama-family decoder as pure functions of (params, arrays), plus a thin Flax NNX wrapper.
+
+Parameters are one nested dict with the layers stacked on a leading axis, so the layer stack is one
+`lax.scan` (compile time independent of depth) and the HF mapping is a loop over names. Shapes carry their
+dimension letters: B batch, T query length, S key length (cache slots), D model, H heads, K kv heads,
+E head dim, F MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter, in the same tree as the parameters."""
+    layer = {
+        "attn_norm": ("layers", "norm"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if cfg.attention_bias:
+        layer |= {"bq": ("layers", "bias", "bias"), "bk": ("layers", "bias", "bias"), "bv": ("layers", "bias", "bias")}
+    if cfg.o_bias:
+        layer["bo"] = ("layers", "bias")
+    if cfg.mlp_bias:
+        layer |= {"b_gate": ("layers", "bias"), "b_up": ("layers", "bias"), "b_down": ("layers", "bias")}
+    if cfg.qk_norm:
+        layer |= {"q_norm": ("layers", "norm"), "k_norm": ("layers", "norm")}
+    out = {"embed": ("vocab", "embed"), "layers": layer, "final_norm": ("norm",)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ("embed", "vocab")
+    return out
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    layer = {
+        "attn_norm": (L, D), "wq": (L, D, H, E), "wk": (L, D, K, E), "wv": (L, D, K, E), "wo": (L, H, E, D),
+        "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        "bq": (L, H, E), "bk": (L, K, E), "bv": (L, K, E), "bo": (L, D),
+        "b_gate": (L, F), "b_up": (L, F), "b_down": (L, D), "q_norm": (L, E), "k_norm": (L, E),
+    }
+    axes = param_logical_axes(cfg)
+    out = {"embed": (V, D), "final_norm": (D,), "lm_head": (D, V)}
+    return {k: ({n: layer[n] for n in v} if k == "layers" else out[k]) for k, v in axes.items()}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters as transformers initialises them: normal(0, std) weights, ones for norms, zero biases."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            out.append(jnp.ones(shape, dtype))
+        elif name.startswith("b"):
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S slots; `valid_BxS` marks slots holding a real token."""
+
+    k_LxBxSxKxE: jax.Array
+    v_LxBxSxKxE: jax.Array
+    valid_BxS: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
+
+
+def rms_norm(x, weight, eps):
+    # transformers normalises in float32 and casts back before the scale; doing the same keeps bf16 parity.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxT, dtype):
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTxE = jnp.concatenate([angles_BxTxE2, angles_BxTxE2], axis=-1)
+    return jnp.cos(angles_BxTxE).astype(dtype), jnp.sin(angles_BxTxE).astype(dtype)
+
+
+def apply_rope(x_BxTxNxE, cos_BxTxE, sin_BxTxE):
+    half = x_BxTxNxE.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxE[..., half:], x_BxTxNxE[..., :half]], axis=-1)
+    return x_BxTxNxE * cos_BxTxE[:, :, None, :] + rotated * sin_BxTxE[:, :, None, :]
+
+
+def _dropout(x, rate, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None):
+    """Boolean [B, 1, T, S]: causal over slot indices, real keys only, optional sliding window."""
+    S = kv_valid_BxS.shape[1]
+    k_index_S = jnp.arange(S)
+    allowed_TxS = k_index_S[None, :] <= q_index_T[:, None]
+    if sliding_window is not None:
+        allowed_TxS &= q_index_T[:, None] - k_index_S[None, :] < sliding_window
+    return (allowed_TxS[None] & kv_valid_BxS[:, None, :])[:, None]
+
+
+def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate):
+    """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxSxKxE, v_BxSxKxE) to write into."""
+    lp = jax.tree.map(lambda a: a.astype(dtype), lp)
+    h = rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
+    k = jnp.einsum("btd,dke->btke", h, lp["wk"])
+    v = jnp.einsum("btd,dke->btke", h, lp["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_kv is None:
+        keys, values, new_cache = k, v, None
+    else:
+        ck, cv = cache_kv
+        keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        new_cache = (keys, values)
+        keys, values = keys.astype(dtype), values.astype(dtype)
+    attn = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=cfg.head_dim ** -0.5)
+    out = jnp.einsum("bthe,hed->btd", attn, lp["wo"])
+    if cfg.o_bias:
+        out = out + lp["bo"]
+    r1 = r2 = None
+    if rng is not None:
+        r1, r2 = jax.random.split(rng)
+    x_BxTxD = x_BxTxD + _dropout(out, dropout_rate, r1)
+    h = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, lp["w_up"])
+    if cfg.mlp_bias:
+        gate, up = gate + lp["b_gate"], up + lp["b_up"]
+    down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
+    if cfg.mlp_bias:
+        down = down + lp["b_down"]
+    x_BxTxD = x_BxTxD + _dropout(down, dropout_rate, r2)
+    if mesh is not None:
+        x_BxTxD = jax.lax.with_sharding_constraint(
+            x_BxTxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None)))
+    return x_BxTxD, new_cache
+
+
+def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_valid_BxS, *, cache: KVCache | None = None,
+                  cache_index=0, dtype=jnp.float32, dropout_rate: float = 0.0, rng=None, remat: str = "none",
+                  mesh=None, unroll: int | bool = 1):
+    """Final-norm hidden states [B, T, D] (and the updated cache).
+
+    Without a cache, keys are this chunk and `kv_valid_BxS` is its padding mask (S = T). With a cache, the
+    chunk is written at slots [cache_index, cache_index + T) and `kv_valid_BxS` marks the valid slots
+    after the write.
+    """
+    T = ids_BxT.shape[1]
+    x = params["embed"][ids_BxT].astype(dtype)
+    cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
+    mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window)
+    layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+
+    def body(carry, xs):
+        x, kc, vc = carry
+        lp, i, lrng = xs
+        if kc is None:
+            x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate)
+            return (x, None, None), None
+        kv = (jax.lax.dynamic_index_in_dim(kc, i, 0, keepdims=False), jax.lax.dynamic_index_in_dim(vc, i, 0, keepdims=False))
+        x, (k_new, v_new) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, kv, cache_index, lrng, dropout_rate)
+        # Writing back into the loop-carried cache lets XLA update it in place (no per-step copy of all layers).
+        kc = jax.lax.dynamic_update_index_in_dim(kc, k_new, i, 0)
+        vc = jax.lax.dynamic_update_index_in_dim(vc, v_new, i, 0)
+        return (x, kc, vc), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    init = (x, None, None) if cache is None else (x, cache.k_LxBxSxKxE, cache.v_LxBxSxKxE)
+    (x, kc, vc), _ = jax.lax.scan(body, init, (params["layers"], jnp.arange(cfg.num_layers), layer_rngs), unroll=unroll)
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    new_cache = None if cache is None else KVCache(kc, vc, kv_valid_BxS)
+    return x, new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig, h_BxTxD):
+    """Logits in float32 (the loss and the sampler both want full precision here)."""
+    w_DxV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, cfg: ModelConfig, ids_BxT, mask_BxT=None, **kw):
+    """Logits [B, T, V] (float32) of a left- or right-padded batch without a cache."""
+    if mask_BxT is None:
+        mask_BxT = jnp.ones(ids_BxT.shape, bool)
+    mask_BxT = mask_BxT.astype(bool)
+    positions = positions_from_mask(mask_BxT)
+    h, _ = hidden_states(params, cfg, ids_BxT, positions, mask_BxT, **kw)
+    return lm_head(params, cfg, h)
+
+
+def positions_from_mask(mask_BxT):
+    # Left padding: a row's first real token is position 0, as transformers derives it from the mask.
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Decoder(nnx.Module):
+    """Flax NNX view of the decoder: the parameters as `nnx.Param`s, the forward pass delegated to `forward`.
+
+    The hot paths (sampler, train steps) call the pure functions on `params()` directly; this class is
+    for users who want an NNX module (e.g. to compose it with their own NNX code or optimizers).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None,
+                 dtype=jnp.float32):
+        self.cfg = cfg
+        if params is None:
+            params = init_params(cfg, (rngs or nnx.Rngs(0)).params(), dtype)
+        self.weights = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def params(self) -> Params:
+        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+
+    def __call__(self, ids_BxT, mask_BxT=None, **kw):
+        return forward(self.params(), self.cfg, ids_BxT, mask_BxT, **kw)

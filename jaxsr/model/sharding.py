@@ -1,0 +1,124 @@
+"""One device mesh (`data`, `fsdp`, `tensor`) and the few logical-axis rules that place every array on it.
+
+Weights are sharded FSDP x tensor-parallel: the model dimension (`embed`) over `fsdp`, heads / MLP width /
+vocabulary over `tensor`. Batches go over `data` x `fsdp`. Norm scales and biases are small and replicated
+on purpose (rule `norm` / `bias` -> None). A dimension that does not divide its mesh axis is an error,
+never a silent replication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+
+class ShardingError(ValueError):
+    """An array or mesh that does not fit; the message names the tensor, the dimension and the mesh axis."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical dimension name -> mesh axis (or axes, or None for replicated)."""
+
+    batch: tuple[str, ...] | str | None = BATCH
+    embed: str | None = "fsdp"
+    heads: str | None = "tensor"
+    kv_heads: str | None = "tensor"
+    mlp: str | None = "tensor"
+    vocab: str | None = "tensor"
+    layers: None = None
+    head_dim: None = None
+    seq: None = None
+    norm: None = None  # RMSNorm scales: tiny, replicated by rule.
+    bias: None = None  # projection biases: tiny, replicated by rule.
+
+    def spec(self, logical: Sequence[str | None]) -> P:
+        axes = [getattr(self, name) if name is not None else None for name in logical]
+        used = [a for ax in axes if ax is not None for a in ((ax,) if isinstance(ax, str) else ax)]
+        if len(used) != len(set(used)):
+            raise ShardingError(f"logical axes {tuple(logical)} map a mesh axis twice: {axes}")
+        return P(*axes)
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int], name: str,
+                   rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    """The NamedSharding of tensor `name`, after checking each dimension divides its mesh axis."""
+    spec = rules.spec(logical)
+    if len(spec) != len(shape):
+        raise ShardingError(f"tensor {name!r} has shape {tuple(shape)} but logical axes {tuple(logical)}")
+    for dim, (size, axis, lname) in enumerate(zip(shape, spec, logical)):
+        n = _axis_size(mesh, axis)
+        if size % n:
+            raise ShardingError(
+                f"tensor {name!r} dimension {dim} ({lname}={size}) is not divisible by mesh axis {axis!r} (size {n}); "
+                f"choose a mesh whose {axis!r} size divides {size}")
+    return NamedSharding(mesh, spec)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 for "the rest"."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ShardingError(f"mesh sizes {sizes}: at most one axis may be -1")
+    bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+    if bad:
+        raise ShardingError(f"mesh sizes {bad} must be positive or -1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n % fixed:
+            raise ShardingError(f"mesh sizes {sizes}: {n} devices are not divisible by {fixed}")
+        sizes[free[0]] = n // fixed
+    if math.prod(sizes.values()) != n:
+        raise ShardingError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
+                            f"{math.prod(sizes.values())} devices, but there are {n} devices")
+    if jax.process_count() > 1:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices=devices)
+    else:
+        grid = np.array(devices).reshape(tuple(sizes.values()))
+    return Mesh(grid, MESH_AXES)
+
+
+def default_mesh(embed_dim: int, devices: Sequence | None = None) -> Mesh:
+    """FSDP over as many devices as divide the model dimension, data parallel over the rest.
+
+    gcd(devices, embed_dim) always divides both, so every supported model loads on any device count;
+    tensor parallelism (which needs heads to divide) is opt-in through the config.
+    """
+    n = len(jax.devices() if devices is None else devices)
+    fsdp = math.gcd(n, int(embed_dim))
+    return make_mesh(data=n // fsdp, fsdp=fsdp, tensor=1, devices=devices)
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """Batches are split over data x fsdp, so their size must be a multiple of this."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, P(rules.batch, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,262 @@
+"""A Policy is M_t: config + sharded parameters + tokenizer. Load it from HF or a jaxsr checkpoint, save it back.
+
+A jaxsr checkpoint directory holds `jaxsr_model.json` (our config and the original HF config), `params/`
+(an Orbax checkpoint, restorable onto any mesh), `tokenizer/` and `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .model import decoder, hf
+from .model.config import ModelConfig, read_hf_config
+from .model.sharding import (DEFAULT_RULES, ShardingRules, batch_multiple, batch_sharding, default_mesh,
+                             named_sharding)
+
+log = logging.getLogger(__name__)
+
+JAXSR_MODEL_FILE = "jaxsr_model.json"
+FORMAT_VERSION = 1
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Policy:
+    """M_t. `params` is the decoder's parameter tree, already placed on `mesh`.
+
+    Attributes:
+      config: the architecture.
+      params: nested dict of jax.Arrays (see `jaxsr.model.decoder.param_shapes`).
+      tokenizer: a transformers tokenizer, or None for a weights-only directory.
+      mesh: the (data, fsdp, tensor) mesh the parameters live on.
+      dtype: compute dtype name ("float32" or "bfloat16"); parameters are stored in this dtype too.
+      hf_config: the config.json the model came from (kept so export writes back fields we do not model).
+      generation_config: generation_config.json contents (EOS ids, ...), or {}.
+    """
+
+    config: ModelConfig
+    params: decoder.Params
+    tokenizer: Any
+    mesh: jax.sharding.Mesh
+    dtype: str = "float32"
+    hf_config: dict | None = None
+    generation_config: dict = dataclasses.field(default_factory=dict)
+    rules: ShardingRules = DEFAULT_RULES
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The tokenizer's EOS, generation_config's and config.json's, in that order, without duplicates."""
+        ids: list[int] = []
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        gen = self.generation_config.get("eos_token_id")
+        ids += [int(i) for i in (gen if isinstance(gen, list) else [gen] if gen is not None else [])]
+        ids += list(self.config.eos_token_ids)
+        return tuple(dict.fromkeys(ids))
+
+    @property
+    def pad_token_id(self) -> int:
+        for cand in (getattr(self.tokenizer, "pad_token_id", None), self.config.pad_token_id,
+                     self.generation_config.get("pad_token_id")):
+            if cand is not None:
+                return int(cand)
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+    def with_params(self, params: decoder.Params) -> "Policy":
+        return dataclasses.replace(self, params=params)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules: ShardingRules = DEFAULT_RULES):
+    shapes, axes = decoder.param_shapes(cfg), decoder.param_logical_axes(cfg)
+
+    def one(path, shape, logical):
+        name = ".".join(str(getattr(p, "key", p)) for p in path)
+        return named_sharding(mesh, logical, shape, name, rules)
+
+    return jax.tree.map_with_path(one, shapes, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _resolve_mesh(mesh, cfg: ModelConfig):
+    if mesh is None:
+        return default_mesh(cfg.hidden_size)
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+
+
+def _check_dtype(dtype: str) -> str:
+    dtype = str(getattr(dtype, "__name__", dtype))
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return dtype
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((path / f).is_file() for f in files):
+        log.warning("%s: no tokenizer files; the policy has no tokenizer (token-id prompts still work)", path)
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _resolve_path(path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        # A hub name: let huggingface_hub fetch it where the network allows.
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    raise FileNotFoundError(f"{path}: no such model directory (expected a Hugging Face model directory or a jaxsr checkpoint)")
+
+
+def load_policy(path, *, dtype: str = "float32", mesh=None, rules: ShardingRules = DEFAULT_RULES) -> Policy:
+    """Loads an HF model directory (or hub name) or a jaxsr checkpoint onto `mesh` (default: all local devices)."""
+    dtype = _check_dtype(dtype)
+    path = _resolve_path(path)
+    if (path / JAXSR_MODEL_FILE).is_file():
+        return _load_jaxsr(path, dtype, mesh, rules)
+    cfg, hf_cfg = read_hf_config(path)
+    mesh = _resolve_mesh(mesh, cfg)
+    params = hf.load_params(path, cfg, mesh, DTYPES[dtype], rules)
+    return Policy(cfg, params, _load_tokenizer(path), mesh, dtype, hf_cfg,
+                  _read_json(path / "generation_config.json"), rules)
+
+
+def random_policy(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32", mesh=None, tokenizer=None,
+                  rules: ShardingRules = DEFAULT_RULES) -> Policy:
+    """A freshly initialised policy (M0 of a from-scratch run), created directly on its shardings."""
+    dtype = _check_dtype(dtype)
+    mesh = _resolve_mesh(mesh, cfg)
+    init = jax.jit(functools.partial(decoder.init_params, cfg, dtype=DTYPES[dtype]),
+                   out_shardings=param_shardings(cfg, mesh, rules))
+    return Policy(cfg, init(jax.random.key(seed)), tokenizer, mesh, dtype, None, {}, rules)
+
+
+# --- jaxsr checkpoints -------------------------------------------------------------------------------------
+
+def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Path:
+    """Params-only jaxsr checkpoint (the iteration checkpoint M_t). All processes must call it."""
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: checkpoint directory exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", policy.params)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        meta = {"format": FORMAT_VERSION, "model": policy.config.to_dict(), "dtype": policy.dtype,
+                "hf_config": policy.hf_config, "extra": extra or {}}
+        if policy.tokenizer is not None:
+            policy.tokenizer.save_pretrained(str(out / "tokenizer"))
+        if policy.generation_config:
+            (out / "generation_config.json").write_text(json.dumps(policy.generation_config, indent=2))
+        # Written last: its presence marks a complete checkpoint.
+        (out / JAXSR_MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
+    meta = json.loads((path / JAXSR_MODEL_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path / JAXSR_MODEL_FILE}: checkpoint format {meta.get('format')!r}, this jaxsr reads {FORMAT_VERSION}")
+    cfg = ModelConfig.from_dict(meta["model"])
+    mesh = _resolve_mesh(mesh, cfg)
+    shardings = param_shardings(cfg, mesh, rules)
+    saved_dtype = DTYPES[meta.get("dtype", "float32")]
+    abstract = jax.tree.map(lambda shape, s: jax.ShapeDtypeStruct(shape, saved_dtype, sharding=s),
+                            decoder.param_shapes(cfg), shardings, is_leaf=lambda x: isinstance(x, tuple))
+    params_dir = (path / "params").absolute()
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: missing (the checkpoint {path} is incomplete)")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(params_dir, abstract)
+    if DTYPES[dtype] != saved_dtype:
+        params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(DTYPES[dtype]), p), out_shardings=shardings)(params)
+    tok_dir = path / "tokenizer"
+    tokenizer = _load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    return Policy(cfg, params, tokenizer, mesh, dtype, meta.get("hf_config"), _read_json(path / "generation_config.json"), rules)
+
+
+def save_hf(policy: Policy, out_dir, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Writes an HF model directory (safetensors, config.json, generation_config.json, tokenizer)."""
+    out = Path(out_dir)
+    write = jax.process_index() == 0
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    dtype = _check_dtype(dtype or policy.dtype)
+    np_dtype = np.dtype(jnp.dtype(DTYPES[dtype]))
+    hf.save_hf_weights(policy.params, policy.config, out, dtype=np_dtype, max_shard_bytes=max_shard_bytes, write=write)
+    if write:
+        cfg_dict = hf.hf_config_for_export(policy.config, policy.hf_config, dtype)
+        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        gen = dict(policy.generation_config) or {
+            k: v for k, v in (("bos_token_id", policy.config.bos_token_id),
+                              ("eos_token_id", list(policy.eos_token_ids) or None),
+                              ("pad_token_id", policy.config.pad_token_id)) if v is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if policy.tokenizer is not None:
+            policy.tokenizer.save_pretrained(str(out))
+    return out
+
+
+# --- forward -----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _forward_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+    # Parameters keep their FSDP x tensor shardings; the batch is split over data x fsdp.
+    def fwd(params, ids_BxT, mask_BxT):
+        return decoder.forward(params, cfg, ids_BxT, mask_BxT, dtype=DTYPES[dtype], mesh=mesh)
+
+    return jax.jit(
+        fwd,
+        in_shardings=(param_shardings(cfg, mesh, rules), batch_sharding(mesh, 2, rules), batch_sharding(mesh, 2, rules)),
+        out_shardings=batch_sharding(mesh, 3, rules),
+    )
+
+
+def pad_batch(rows: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+    """Pads the leading (batch) dim up to a multiple of the data-parallel device count."""
+    extra = -len(rows) % multiple
+    if not extra:
+        return rows
+    return np.concatenate([rows, np.full((extra,) + rows.shape[1:], fill, rows.dtype)])
+
+
+def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray:
+    """float32 logits [batch, length, vocab] for a batch of token ids (padding marked by attention_mask)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= policy.config.vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {policy.config.vocab_size}); got range [{ids.min()}, {ids.max()}]")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    n = len(ids)
+    m = batch_multiple(policy.mesh)
+    fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
+    logits = fn(policy.params, pad_batch(ids.astype(np.int32), m), pad_batch(mask, m, True))
+    return np.asarray(jax.device_get(logits))[:n].astype(np.float32)
