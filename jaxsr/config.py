@@ -1,0 +1,256 @@
+"""Typed run configuration: dataclasses, YAML files in configs/, `key.sub=value` overrides (OmegaConf).
+
+Everything is validated before any compute: an unknown key names the closest valid one, a bad value names
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigValueError(ValueError):
+    """A configuration key with a bad value or an unknown name."""
+
+
+def _choice(key: str, value, allowed: Sequence):
+    if value not in allowed:
+        raise ConfigValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value, *, zero_ok: bool = False):
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigValueError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh sizes (one may be -1: "the remaining devices").
+
+    All unset: jaxsr's default mesh (FSDP as wide as the model dimension allows, data parallel over the rest).
+    Any set: the unset ones default to data=-1, fsdp=1, tensor=1.
+    """
+
+    data: Optional[int] = None
+    fsdp: Optional[int] = None
+    tensor: Optional[int] = None
+
+    def build(self, embed_dim: int):
+        from .model.sharding import default_mesh, make_mesh
+
+        if self.data is None and self.fsdp is None and self.tensor is None:
+            return default_mesh(embed_dim)
+        return make_mesh(data=-1 if self.data is None else self.data, fsdp=self.fsdp or 1, tensor=self.tensor or 1)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Where M0 comes from and how it computes.
+
+    Attributes:
+      path: Hugging Face model directory, hub name, or jaxsr checkpoint directory.
+      dtype: parameter and compute dtype.
+      remat: rematerialisation of each decoder layer in training: none, dots, full.
+    """
+
+    path: str = ""
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model.remat", self.remat, ("none", "dots", "full"))
+
+
+@dataclasses.dataclass
+class SampleSection:
+    """Candidate generation (paper: N=4 at T=0.7, top-p 0.9)."""
+
+    num_samples: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_batch_rows: int = 256
+
+    def __post_init__(self):
+        _positive("sample.num_samples", self.num_samples)
+        _positive("sample.max_new_tokens", self.max_new_tokens)
+        _positive("sample.temperature", self.temperature, zero_ok=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigValueError(f"sample.top_p={self.top_p!r} must be in (0, 1]")
+        _positive("sample.top_k", self.top_k, zero_ok=True)
+        _positive("sample.max_batch_rows", self.max_batch_rows)
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """One training stage (SFT or DPO). Paper defaults are set per stage in JaxsrConfig.
+
+    Attributes:
+      lr / final_lr: peak learning rate and the rate the schedule decays to at the last step.
+      schedule: cosine or linear decay after `warmup_steps` of linear warmup from 0.
+      batch_size: examples (SFT) or pairs (DPO) per optimizer step, across all devices.
+      grad_accum: micro-batches per optimizer step (batch_size must be divisible by it).
+      epochs / max_steps: stage length; max_steps > 0 overrides epochs.
+      max_length: tokens per example (prompt + response); longer responses are truncated or dropped.
+      overlong: truncate (the response, never the prompt) or drop.
+      checkpoint_every / keep_checkpoints: step-checkpoint cadence and retention.
+    """
+
+    lr: float = 5.5e-6
+    final_lr: float = 1.1e-6
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    dropout: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    max_length: int = 1024
+    overlong: str = "truncate"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    # DPO only
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    reference: str = "precomputed"
+
+    def validate(self, section: str):
+        _positive(f"{section}.lr", self.lr)
+        _positive(f"{section}.final_lr", self.final_lr, zero_ok=True)
+        _choice(f"{section}.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _positive(f"{section}.batch_size", self.batch_size)
+        _positive(f"{section}.grad_accum", self.grad_accum)
+        if self.batch_size % self.grad_accum:
+            raise ConfigValueError(f"{section}.batch_size={self.batch_size} is not divisible by {section}.grad_accum={self.grad_accum}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigValueError(f"{section}.dropout={self.dropout!r} must be in [0, 1)")
+        _positive(f"{section}.max_length", self.max_length)
+        _choice(f"{section}.overlong", self.overlong, ("truncate", "drop"))
+        _positive(f"{section}.checkpoint_every", self.checkpoint_every)
+        _positive(f"{section}.keep_checkpoints", self.keep_checkpoints)
+        _positive(f"{section}.beta", self.beta)
+        _choice(f"{section}.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        if not 0 <= self.label_smoothing <= 0.5:
+            raise ConfigValueError(f"{section}.label_smoothing={self.label_smoothing!r} must be in [0, 0.5]")
+        _positive(f"{section}.rpo_alpha", self.rpo_alpha, zero_ok=True)
+        _choice(f"{section}.reference", self.reference, ("precomputed", "on_the_fly"))
+
+
+def _sft_defaults() -> TrainSection:
+    # Paper §3.1.3: 5.5e-6 cosine-decayed to 1.1e-6, batch 16, dropout 0.1, loss on target tokens only.
+    return TrainSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
+
+
+def _dpo_defaults() -> TrainSection:
+    # Paper §3.1.3: 1e-6 decaying to 1e-7, batch 16, beta 0.1, dropout 0.1 (decay shape unstated: linear).
+    return TrainSection(lr=1e-6, final_lr=1e-7, schedule="linear", batch_size=16, dropout=0.1, beta=0.1)
+
+
+@dataclasses.dataclass
+class JaxsrConfig:
+    """A whole run. `name` defaults to the YAML file's stem; `run_dir` to runs/<name>."""
+
+    name: str = "default"
+    run_dir: str = ""
+    seed: int = 0
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sample: SampleSection = dataclasses.field(default_factory=SampleSection)
+    sft: TrainSection = dataclasses.field(default_factory=_sft_defaults)
+    dpo: TrainSection = dataclasses.field(default_factory=_dpo_defaults)
+
+    def __post_init__(self):
+        self.sft.validate("sft")
+        self.dpo.validate("dpo")
+        if not self.run_dir:
+            self.run_dir = str(Path("runs") / self.name)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            out.append(full)
+            out += _all_keys(node[k], full + ".")
+    return out
+
+
+def _unknown_key_error(schema: DictConfig, key: str) -> ConfigValueError:
+    keys = _all_keys(schema)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = sorted(k.rsplit(".", 1)[-1] for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+    return ConfigValueError(f"unknown key {key!r}{hint} (allowed{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)})")
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict):
+        return [prefix.rstrip(".")]
+    out = []
+    for k, v in d.items():
+        out += _flat_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, schema=JaxsrConfig) -> JaxsrConfig:
+    """YAML file (optional) + `key.sub=value` overrides -> validated dataclass. Raises ConfigValueError."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    name = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        loaded = OmegaConf.load(p)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigValueError(f"{p}: expected a YAML mapping at the top level")
+        layers.append((str(p), loaded))
+        name = p.stem
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigValueError(f"override {item!r} must look like key.sub=value")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    merged = base
+    for where, layer in layers:
+        plain = OmegaConf.to_container(layer)
+        for key in _flat_keys(plain):
+            if OmegaConf.select(base, key, default="__missing__") == "__missing__":
+                raise ConfigValueError(f"{where}: {_unknown_key_error(base, key)}")
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except oc_errors.ValidationError as e:
+            raise ConfigValueError(f"{where}: bad value for {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+    if name and "name" not in OmegaConf.to_container(layers[0][1]) and not any(o.startswith("name=") for o in overrides):
+        merged.name = name
+    try:
+        return OmegaConf.to_object(merged)
+    except oc_errors.OmegaConfBaseException as e:
+        raise ConfigValueError(f"bad config: {e}") from None
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
