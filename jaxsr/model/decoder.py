@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig, rope_inv_freq
+from .sharding import DEFAULT_RULES
 
 Params = dict[str, Any]
 
@@ -188,7 +189,13 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     after the write.
     """
     T = ids_BxT.shape[1]
-    x = params["embed"][ids_BxT].astype(dtype)
+    embed_VxD = params["embed"]
+    if mesh is not None:
+        # All-gather the FSDP dim before the lookup: a gather whose table and output both use `fsdp` makes
+        # XLA replicate the whole table instead.
+        embed_VxD = jax.lax.with_sharding_constraint(
+            embed_VxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEFAULT_RULES.vocab, None)))
+    x = embed_VxD[ids_BxT].astype(dtype)
     cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
     mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
