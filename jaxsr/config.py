@@ -153,6 +153,78 @@ class TrainSection:
         _choice(f"{section}.reference", self.reference, ("precomputed", "on_the_fly"))
 
 
+@dataclasses.dataclass
+class PromptsSection:
+    """Self-Instruct generation of new prompts (paper: 8-shot = 6 seed + 2 generated, T=0.6, top-p 0.9).
+
+    Attributes:
+      num_prompts: prompts to accept per iteration.
+      generator: "" to use M_t, or a model path (HF dir or jaxsr checkpoint) of a fixed generator (the paper's choice).
+      requests_per_round: few-shot requests generated together; one round's accepted prompts form one shard.
+      max_rounds: give up (with what was accepted) after this many rounds.
+    """
+
+    num_prompts: int = 1000
+    generator: str = ""
+    num_seed_shots: int = 6
+    num_generated_shots: int = 2
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    requests_per_round: int = 64
+    max_rounds: int = 1000
+    max_rouge: float = 0.7
+    min_words: int = 3
+    max_words: int = 150
+
+    def __post_init__(self):
+        _positive("prompts.num_prompts", self.num_prompts)
+        _positive("prompts.temperature", self.temperature, zero_ok=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigValueError(f"prompts.top_p={self.top_p!r} must be in (0, 1]")
+        if not 0 < self.max_rouge <= 1:
+            raise ConfigValueError(f"prompts.max_rouge={self.max_rouge!r} must be in (0, 1]")
+        _positive("prompts.requests_per_round", self.requests_per_round)
+
+
+@dataclasses.dataclass
+class JudgeSection:
+    """LLM-as-a-Judge (paper: K=3 sampled judgements at T=0.7, top-p 0.9, score = mean of valid ones).
+
+    Attributes:
+      template: "paper" (Figure 2, word for word) or a path to a template with <INSTRUCTION_HERE> and <RESPONSE_HERE>.
+      mode: sampled (K judgements, mean of valid scores) or expected (one justification, then the
+        probability-weighted mean of the digits 0-5 after "Score:").
+      exclude_truncated: drop candidates that hit sample.max_new_tokens before judging.
+    """
+
+    template: str = "paper"
+    mode: str = "sampled"
+    num_judgements: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    exclude_truncated: bool = False
+
+    def __post_init__(self):
+        _choice("judge.mode", self.mode, ("sampled", "expected"))
+        _positive("judge.num_judgements", self.num_judgements)
+        _positive("judge.max_new_tokens", self.max_new_tokens)
+        if not 0 < self.top_p <= 1:
+            raise ConfigValueError(f"judge.top_p={self.top_p!r} must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class PairsSection:
+    """Best-vs-worst pairs; `length_control` is Meta-Rewarding's rho (0 = plain max/min)."""
+
+    length_control: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.length_control <= 1:
+            raise ConfigValueError(f"pairs.length_control={self.length_control!r} must be in [0, 1]")
+
+
 def _sft_defaults() -> TrainSection:
     # Paper §3.1.3: 5.5e-6 cosine-decayed to 1.1e-6, batch 16, dropout 0.1, loss on target tokens only.
     return TrainSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
@@ -173,6 +245,9 @@ class JaxsrConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sample: SampleSection = dataclasses.field(default_factory=SampleSection)
+    prompts: PromptsSection = dataclasses.field(default_factory=PromptsSection)
+    judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
+    pairs: PairsSection = dataclasses.field(default_factory=PairsSection)
     sft: TrainSection = dataclasses.field(default_factory=_sft_defaults)
     dpo: TrainSection = dataclasses.field(default_factory=_dpo_defaults)
 
