@@ -27,6 +27,9 @@ from pathlib import Path
 
 import datasets
 
+# Shards are small and many; the library's per-save progress bars would drown the stage's own bar.
+datasets.disable_progress_bars()
+
 COMPLETE = "_COMPLETE"
 _TMP_PREFIX = ".tmp-"  # anything named so is an unfinished write, removed on open
 _SHARD_RE = re.compile(r"shard-(\d{5,})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # Modules that define `register_cli`; missing ones are skipped so the CLI works while stages land.
-STAGE_MODULES = ("jaxsr.sample", "jaxsr.train")
+STAGE_MODULES = ("jaxsr.train", "jaxsr.loop", "jaxsr.plan")
 
 
 def register(sub, add_config_args) -> None:

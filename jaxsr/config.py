@@ -52,22 +52,95 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class ArchitectureSection:
+    """A from-scratch M0 (used when model.path is empty): a Llama-shaped decoder of this size."""
+
+    model_type: str = "llama"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass
 class ModelSection:
     """Where M0 comes from and how it computes.
 
     Attributes:
-      path: Hugging Face model directory, hub name, or jaxsr checkpoint directory.
+      path: Hugging Face model directory, hub name, or jaxsr checkpoint directory; empty = a random M0 of
+        `architecture` with `tokenizer`.
+      tokenizer: for a from-scratch M0: "world" (the built-in world's tokenizer) or a tokenizer directory.
+      init_seed: seed of the random M0.
       dtype: parameter and compute dtype.
       remat: rematerialisation of each decoder layer in training: none, dots, full.
     """
 
     path: str = ""
+    tokenizer: str = "world"
+    init_seed: int = 0
+    architecture: ArchitectureSection = dataclasses.field(default_factory=ArchitectureSection)
     dtype: str = "float32"
     remat: str = "none"
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Seed data. source=world: the built-in verifiable world; oasst: Open Assistant (hub name or local files in
+    `oasst_path`); files: JSONL / HF-datasets paths for ift (prompt, response), eft (prompt, response) and prompts.
+
+    Attributes:
+      world_*: sizes of the built-in world's splits (seeded by the run's seed).
+      num_ift: cap on IFT examples (paper: 3,200 Open Assistant first turns).
+    """
+
+    source: str = "world"
+    world_ift: int = 2000
+    world_eft: int = 2000
+    world_eval: int = 200
+    world_rm_eval: int = 100
+    oasst_path: str = "OpenAssistant/oasst1"
+    num_ift: int = 3200
+    ift_path: str = ""
+    eft_path: str = ""
+    prompts_path: str = ""
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("world", "oasst", "files"))
+
+
+@dataclasses.dataclass
+class LoopSection:
+    """The iteration schedule: M1 by SFT, then M2 ... M_T by DPO on self-generated pairs (paper: T = 3).
+
+    Attributes:
+      iterations: T, the last model index.
+      eval_max_new_tokens: greedy generation budget for the instruction-following evaluation.
+    """
+
+    iterations: int = 3
+    eval_max_new_tokens: int = 64
+
+    def __post_init__(self):
+        _positive("loop.iterations", self.iterations)
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """Multi-process set-up. Empty coordinator_address: automatic on TPU pods / detected clusters, else one process."""
+
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    initialization_timeout: int = 300
 
 
 @dataclasses.dataclass
@@ -104,6 +177,8 @@ class TrainSection:
       max_length: tokens per example (prompt + response); longer responses are truncated or dropped.
       overlong: truncate (the response, never the prompt) or drop.
       checkpoint_every / keep_checkpoints: step-checkpoint cadence and retention.
+      packing: SFT only: pack several examples into each row of max_length tokens (attention stays within
+        each example); batch_size then counts rows.
     """
 
     lr: float = 5.5e-6
@@ -124,6 +199,7 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     seed: int = 0
+    packing: bool = False
     # DPO only
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -151,6 +227,8 @@ class TrainSection:
             raise ConfigValueError(f"{section}.label_smoothing={self.label_smoothing!r} must be in [0, 0.5]")
         _positive(f"{section}.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice(f"{section}.reference", self.reference, ("precomputed", "on_the_fly"))
+        if self.packing and section == "dpo":
+            raise ConfigValueError("dpo.packing=true is not supported (chosen and rejected share a prompt; pack SFT only)")
 
 
 @dataclasses.dataclass
@@ -159,7 +237,8 @@ class PromptsSection:
 
     Attributes:
       num_prompts: prompts to accept per iteration.
-      generator: "" to use M_t, or a model path (HF dir or jaxsr checkpoint) of a fixed generator (the paper's choice).
+      generator: "" to use M_t, a model path (HF dir or jaxsr checkpoint) of a fixed generator (the paper's choice),
+        or "world": the built-in world's task sampler as the fixed generator.
       requests_per_round: few-shot requests generated together; one round's accepted prompts form one shard.
       max_rounds: give up (with what was accepted) after this many rounds.
     """
@@ -243,6 +322,9 @@ class JaxsrConfig:
     run_dir: str = ""
     seed: int = 0
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    loop: LoopSection = dataclasses.field(default_factory=LoopSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sample: SampleSection = dataclasses.field(default_factory=SampleSection)
     prompts: PromptsSection = dataclasses.field(default_factory=PromptsSection)

@@ -87,16 +87,23 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for S slots; `valid_BxS` marks slots holding a real token."""
+    """Keys and values of every layer for S slots; `valid_BxS` marks slots holding a real token.
 
-    k_LxBxSxKxE: jax.Array
-    v_LxBxSxKxE: jax.Array
+    One [B, K, S, E] array per layer rather than one stacked [L, ...] array: a decode step then writes its
+    slot into each layer's buffer in place and attention reads that buffer directly, whereas slicing a layer
+    out of a stacked cache (and writing it back) copies the whole layer every step. Slots sit next to
+    head_dim so q.k and p.v are batched matmuls over (B, K) with no transpose of the cache.
+    """
+
+    k_BxKxSxE: tuple[jax.Array, ...]  # one per layer
+    v_BxKxSxE: tuple[jax.Array, ...]  # one per layer
     valid_BxS: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+        return cls(zeros(), zeros(), jnp.zeros((batch, slots), bool))
 
 
 def rms_norm(x, weight, eps):
@@ -126,53 +133,83 @@ def _dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None):
-    """Boolean [B, 1, T, S]: causal over slot indices, real keys only, optional sliding window."""
+def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_ids_BxT=None):
+    """Boolean [B, 1, T, S]: causal over slot indices, real keys only, optional sliding window.
+
+    `segment_ids_BxT` (packed rows, no cache, so T == S): a query sees only keys of its own segment.
+    """
     S = kv_valid_BxS.shape[1]
     k_index_S = jnp.arange(S)
     allowed_TxS = k_index_S[None, :] <= q_index_T[:, None]
     if sliding_window is not None:
         allowed_TxS &= q_index_T[:, None] - k_index_S[None, :] < sliding_window
-    return (allowed_TxS[None] & kv_valid_BxS[:, None, :])[:, None]
+    mask_BxTxS = allowed_TxS[None] & kv_valid_BxS[:, None, :]
+    if segment_ids_BxT is not None:
+        mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return mask_BxTxS[:, None]
+
+
+def _cached_attention(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xTxS, scale):
+    """Grouped-query attention over a [B, K, S, E] cache; scores and softmax in float32."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxKxSxE.shape[1]
+    q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+    s_BxKxGxTxS = jnp.einsum("btkge,bkse->bkgts", q_BxTxKxGxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
+    # finfo.min, not -inf: a row with no valid key (batch padding) gets a uniform softmax instead of NaN.
+    s_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxSxE.dtype)
+    return jnp.einsum("bkgts,bkse->btkge", p_BxKxGxTxS, v_BxKxSxE).reshape(B, T, H, E)
 
 
 def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate):
-    """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxSxKxE, v_BxSxKxE) to write into."""
+    """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxSxE, v_BxKxSxE) to write into."""
     lp = jax.tree.map(lambda a: a.astype(dtype), lp)
-    h = rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhe->bthe", h, lp["wq"])
-    k = jnp.einsum("btd,dke->btke", h, lp["wk"])
-    v = jnp.einsum("btd,dke->btke", h, lp["wv"])
+    # Projections and MLP run as 2-D matmuls over N = B*T rows: for a 3-D einsum, XLA:CPU computes the weight
+    # gradient (a contraction over b and t) after explicit transposes of the activations, which cost about a
+    # third of a train step on CPU; the 2-D form needs none and is the same arithmetic.
+    B, T, D = x_BxTxD.shape
+    h = rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_norm_eps).reshape(B * T, D)
+    q = jnp.einsum("nd,dhe->nhe", h, lp["wq"]).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = jnp.einsum("nd,dke->nke", h, lp["wk"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = jnp.einsum("nd,dke->nke", h, lp["wv"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is None:
-        keys, values, new_cache = k, v, None
+        new_cache = None
+        attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
     else:
         ck, cv = cache_kv
-        keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-        new_cache = (keys, values)
-        keys, values = keys.astype(dtype), values.astype(dtype)
-    attn = jax.nn.dot_product_attention(q, keys, values, mask=mask, scale=cfg.head_dim ** -0.5)
-    out = jnp.einsum("bthe,hed->btd", attn, lp["wo"])
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.swapaxes(1, 2).astype(ck.dtype), cache_index, axis=2)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), cache_index, axis=2)
+        new_cache = (ck, cv)
+        if isinstance(cache_index, int) and cache_index == 0:
+            # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
+            attn = _cached_attention(q, ck[:, :, :T].astype(dtype), cv[:, :, :T].astype(dtype), mask[..., :T],
+                                     cfg.head_dim ** -0.5)
+        else:
+            attn = _cached_attention(q, ck.astype(dtype), cv.astype(dtype), mask, cfg.head_dim ** -0.5)
+    # One contracting dim (h*e): with two, XLA:CPU may pick (e, h) order and transpose wo to match, which inside
+    # the sampler's decode loop is a copy of every layer's wo at every step.
+    HE = cfg.num_heads * cfg.head_dim
+    out = (attn.reshape(B * T, HE) @ lp["wo"].reshape(HE, D)).reshape(B, T, D)
     if cfg.o_bias:
         out = out + lp["bo"]
     r1 = r2 = None
     if rng is not None:
         r1, r2 = jax.random.split(rng)
     x_BxTxD = x_BxTxD + _dropout(out, dropout_rate, r1)
-    h = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
-    up = jnp.einsum("btd,df->btf", h, lp["w_up"])
+    h = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_norm_eps).reshape(B * T, D)
+    gate = h @ lp["w_gate"]
+    up = h @ lp["w_up"]
     if cfg.mlp_bias:
         gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    down = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
+    down = (jax.nn.silu(gate) * up) @ lp["w_down"]
     if cfg.mlp_bias:
         down = down + lp["b_down"]
-    x_BxTxD = x_BxTxD + _dropout(down, dropout_rate, r2)
+    x_BxTxD = x_BxTxD + _dropout(down.reshape(B, T, D), dropout_rate, r2)
     if mesh is not None:
         x_BxTxD = jax.lax.with_sharding_constraint(
             x_BxTxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None)))
@@ -181,14 +218,17 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
 
 def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_valid_BxS, *, cache: KVCache | None = None,
                   cache_index=0, dtype=jnp.float32, dropout_rate: float = 0.0, rng=None, remat: str = "none",
-                  mesh=None, unroll: int | bool = 1):
+                  mesh=None, unroll: int | bool = 1, segment_ids_BxT=None):
     """Final-norm hidden states [B, T, D] (and the updated cache).
 
     Without a cache, keys are this chunk and `kv_valid_BxS` is its padding mask (S = T). With a cache, the
     chunk is written at slots [cache_index, cache_index + T) and `kv_valid_BxS` marks the valid slots
-    after the write.
+    after the write. `segment_ids_BxT` (packed rows, no cache) keeps attention inside each sequence; the
+    caller passes per-sequence `positions_BxT` (see `positions_from_segments`).
     """
     T = ids_BxT.shape[1]
+    if segment_ids_BxT is not None and cache is not None:
+        raise ValueError("segment_ids_BxT (packed sequences) cannot be combined with a KV cache")
     embed_VxD = params["embed"]
     if mesh is not None:
         # All-gather the FSDP dim before the lookup: a gather whose table and output both use `fsdp` makes
@@ -197,43 +237,65 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
             embed_VxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEFAULT_RULES.vocab, None)))
     x = embed_VxD[ids_BxT].astype(dtype)
     cos, sin = rope_cos_sin(cfg, positions_BxT, dtype)
-    mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window)
+    mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window, segment_ids_BxT)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
-    def body(carry, xs):
-        x, kc, vc = carry
-        lp, i, lrng = xs
-        if kc is None:
-            x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate)
-            return (x, None, None), None
-        kv = (jax.lax.dynamic_index_in_dim(kc, i, 0, keepdims=False), jax.lax.dynamic_index_in_dim(vc, i, 0, keepdims=False))
-        x, (k_new, v_new) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, kv, cache_index, lrng, dropout_rate)
-        # Writing back into the loop-carried cache lets XLA update it in place (no per-step copy of all layers).
-        kc = jax.lax.dynamic_update_index_in_dim(kc, k_new, i, 0)
-        vc = jax.lax.dynamic_update_index_in_dim(vc, v_new, i, 0)
-        return (x, kc, vc), None
+    if cache is not None:
+        # The cached path (prefill and decode) unrolls the layers in Python so each layer reads and writes
+        # its own cache buffer in place (see KVCache). `params["layers"]` may also be a list of per-layer
+        # dicts (`unstack_layers`): a decode loop slices the weights once, outside the loop, not every step.
+        layers = params["layers"]
+        ks, vs = [], []
+        for i in range(cfg.num_layers):
+            lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[i], layers)
+            lrng = None if layer_rngs is None else layer_rngs[i]
+            x, (k_i, v_i) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, (cache.k_BxKxSxE[i], cache.v_BxKxSxE[i]),
+                                   cache_index, lrng, dropout_rate)
+            ks.append(k_i)
+            vs.append(v_i)
+        x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        return x, KVCache(tuple(ks), tuple(vs), kv_valid_BxS)
+
+    def body(x, xs):
+        lp, lrng = xs
+        x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate)
+        return x, None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    init = (x, None, None) if cache is None else (x, cache.k_LxBxSxKxE, cache.v_LxBxSxKxE)
-    (x, kc, vc), _ = jax.lax.scan(body, init, (params["layers"], jnp.arange(cfg.num_layers), layer_rngs), unroll=unroll)
+    x, _ = jax.lax.scan(body, x, (params["layers"], layer_rngs), unroll=unroll)
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    new_cache = None if cache is None else KVCache(kc, vc, kv_valid_BxS)
-    return x, new_cache
+    return x, None
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """The same parameters with `layers` as a list of per-layer dicts (accepted by the cached path)."""
+    return {**params, "layers": [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers)]}
 
 
 def lm_head(params: Params, cfg: ModelConfig, h_BxTxD):
     """Logits in float32 (the loss and the sampler both want full precision here)."""
     w_DxV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+    # A 2-D matmul over all rows (see _layer: no activation transposes in the weight gradient on CPU).
+    *lead, D = h_BxTxD.shape
+    logits = jnp.dot(h_BxTxD.reshape(-1, D), w_DxV.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(*lead, w_DxV.shape[1])
 
 
-def forward(params: Params, cfg: ModelConfig, ids_BxT, mask_BxT=None, **kw):
-    """Logits [B, T, V] (float32) of a left- or right-padded batch without a cache."""
+def forward(params: Params, cfg: ModelConfig, ids_BxT, mask_BxT=None, segment_ids_BxT=None, **kw):
+    """Logits [B, T, V] (float32) of a left- or right-padded batch without a cache.
+
+    With `segment_ids_BxT` (packed rows: several sequences per row, each a run of equal ids), every
+    sequence gets its own positions from 0 and attends only to itself.
+    """
     if mask_BxT is None:
         mask_BxT = jnp.ones(ids_BxT.shape, bool)
     mask_BxT = mask_BxT.astype(bool)
-    positions = positions_from_mask(mask_BxT)
+    if segment_ids_BxT is None:
+        positions = positions_from_mask(mask_BxT)
+    else:
+        positions = positions_from_segments(segment_ids_BxT)
+        kw["segment_ids_BxT"] = segment_ids_BxT
     h, _ = hidden_states(params, cfg, ids_BxT, positions, mask_BxT, **kw)
     return lm_head(params, cfg, h)
 
@@ -241,6 +303,15 @@ def forward(params: Params, cfg: ModelConfig, ids_BxT, mask_BxT=None, **kw):
 def positions_from_mask(mask_BxT):
     # Left padding: a row's first real token is position 0, as transformers derives it from the mask.
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids_BxT):
+    """Index of each token within its segment (a run of equal segment ids), for packed rows."""
+    T = segment_ids_BxT.shape[1]
+    index_BxT = jnp.broadcast_to(jnp.arange(T), segment_ids_BxT.shape)
+    starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                                  segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    return index_BxT - jax.lax.cummax(jnp.where(starts_BxT, index_BxT, 0), axis=1)
 
 
 class Decoder(nnx.Module):

@@ -1,0 +1,305 @@
+"""`jaxsr plan`: per-device memory of a run (weights, AdamW state, gradients, activations, logits, KV cache).
+
+Every figure is computed from the same `param_shapes` / `param_logical_axes` / `ShardingRules` the run uses,
+so the parameter and optimizer rows are exact; activations are an estimate whose formulas are in
+`_activation_bytes` and docs/launch.md. Exit code 0: fits, 3: does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+GiB = 2**30
+EXIT_DOES_NOT_FIT = 3
+# Fraction of device memory a run may plan to use: the rest covers XLA scratch, fragmentation and the runtime.
+# scripts/launch_gpu.sh sets XLA_PYTHON_CLIENT_MEM_FRACTION to the same value (JAX's default is 0.75).
+USABLE_FRACTION = 0.9
+ACCELERATORS_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "h100": 80, "h200": 141,
+                    "a100-40": 40, "a100-80": 80}  # plus "cpu": this host's RAM
+_DEVICE_KINDS = {"tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e", "tpu v5e": "tpu-v5e", "tpu v5p": "tpu-v5p",
+                 "tpu v5": "tpu-v5p", "tpu v6 lite": "tpu-v6e", "tpu v6e": "tpu-v6e", "h100": "h100", "h200": "h200",
+                 "a100-sxm4-40gb": "a100-40", "a100-pcie-40gb": "a100-40", "a100": "a100-80", "cpu": "cpu"}
+
+
+def _hf(model_type, V, D, F, L, H, K, ctx, eps, theta, **extra) -> dict:
+    return {"model_type": model_type, "vocab_size": V, "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,
+            "num_attention_heads": H, "num_key_value_heads": K, "max_position_embeddings": ctx, "rms_norm_eps": eps,
+            "rope_theta": theta, "hidden_act": "silu", **extra}
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+# config.json fields of hub models, so shipped configs can be planned offline (the chat/instruct variants share them).
+KNOWN_ARCHITECTURES = {
+    "meta-llama/Llama-2-7b-hf": _hf("llama", 32000, 4096, 11008, 32, 32, 32, 4096, 1e-5, 1e4),
+    "meta-llama/Llama-2-70b-hf": _hf("llama", 32000, 8192, 28672, 80, 64, 8, 4096, 1e-5, 1e4),
+    "meta-llama/Meta-Llama-3-8B": _hf("llama", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 5e5),
+    "meta-llama/Llama-3.1-70B": _hf("llama", 128256, 8192, 28672, 80, 64, 8, 131072, 1e-5, 5e5, rope_scaling=_LLAMA31_ROPE),
+    "mistralai/Mistral-7B-v0.1": _hf("mistral", 32000, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1e4, sliding_window=4096),
+    "Qwen/Qwen2.5-0.5B-Instruct": _hf("qwen2", 151936, 896, 4864, 24, 14, 2, 32768, 1e-6, 1e6, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": _hf("qwen2", 151936, 1536, 8960, 28, 12, 2, 32768, 1e-6, 1e6, tie_word_embeddings=True),
+    "Qwen/Qwen3-0.6B": _hf("qwen3", 151936, 1024, 3072, 28, 16, 8, 40960, 1e-6, 1e6, head_dim=128, tie_word_embeddings=True),
+}
+for _base, _aliases in {"meta-llama/Llama-2-7b-hf": ["meta-llama/Llama-2-7b-chat-hf"],
+                        "meta-llama/Llama-2-70b-hf": ["meta-llama/Llama-2-70b-chat-hf"],
+                        "meta-llama/Meta-Llama-3-8B": ["meta-llama/Meta-Llama-3-8B-Instruct"],
+                        "meta-llama/Llama-3.1-70B": ["meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Meta-Llama-3.1-70B"],
+                        "Qwen/Qwen2.5-0.5B-Instruct": ["Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-1.5B-Instruct": ["Qwen/Qwen2.5-1.5B"]}.items():
+    KNOWN_ARCHITECTURES |= {a: KNOWN_ARCHITECTURES[_base] for a in _aliases}
+
+
+def resolve_model(run_cfg):
+    """(ModelConfig, where it came from) for `model.path`, without network access."""
+    from .model.config import ModelConfig, from_hf_dict, read_hf_config
+    from .policy import JAXSR_MODEL_FILE
+
+    path = run_cfg.model.path
+    if not path:
+        return _from_scratch(run_cfg.model), f"model.architecture (tokenizer {run_cfg.model.tokenizer})"
+    p = Path(path).expanduser()
+    if (p / JAXSR_MODEL_FILE).is_file():
+        return ModelConfig.from_dict(json.loads((p / JAXSR_MODEL_FILE).read_text())["model"]), str(p)
+    if p.is_dir():
+        return read_hf_config(p)[0], str(p / "config.json")
+    if path.count("/") == 1:  # a hub name: its config.json may already be in the local HF cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        if isinstance(cached, str):
+            return from_hf_dict(json.loads(Path(cached).read_text()), where=cached), cached
+    if path in KNOWN_ARCHITECTURES:
+        return from_hf_dict(KNOWN_ARCHITECTURES[path], where=f"built-in architecture {path}"), f"built-in table ({path})"
+    raise ValueError(f"model.path={path!r} is neither a local model directory nor a cached or built-in hub model; "
+                     f"download it (huggingface-cli download {path} config.json) or use one of: {', '.join(sorted(KNOWN_ARCHITECTURES))}")
+
+
+def _from_scratch(section):
+    """The random M0 the loop builds when model.path is empty (as loop._initial_policy): vocabulary from the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .model.config import ModelConfig
+    from .world import load_tokenizer
+
+    tok = load_tokenizer() if section.tokenizer == "world" else AutoTokenizer.from_pretrained(section.tokenizer)
+    a = section.architecture
+    return ModelConfig(model_type=a.model_type, vocab_size=len(tok), hidden_size=a.hidden_size,
+                       intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                       num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, max_position_embeddings=a.max_position_embeddings,
+                       rope_theta=a.rope_theta, tie_word_embeddings=a.tie_word_embeddings)
+
+
+def accelerator_bytes(name: str) -> int:
+    if name == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if name not in ACCELERATORS_GIB:
+        raise ValueError(f"unknown accelerator {name!r}; choose one of {sorted(ACCELERATORS_GIB) + ['cpu']}")
+    return ACCELERATORS_GIB[name] * GiB
+
+
+def local_accelerator() -> str:
+    import jax
+
+    kind = jax.devices()[0].device_kind.lower()
+    for key, name in _DEVICE_KINDS.items():  # most specific keys first
+        if key in kind:
+            return name
+    raise ValueError(f"cannot tell the memory of local device kind {kind!r}; pass --accelerator (one of {sorted(ACCELERATORS_GIB)})")
+
+
+def mesh_sizes(mesh_cfg, devices: int, embed_dim: int) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes `MeshConfig.build` would choose on `devices` devices, without any devices."""
+    if mesh_cfg.data is None and mesh_cfg.fsdp is None and mesh_cfg.tensor is None:
+        fsdp = math.gcd(devices, embed_dim)  # as sharding.default_mesh
+        return {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
+    sizes = {"data": -1 if mesh_cfg.data is None else mesh_cfg.data, "fsdp": mesh_cfg.fsdp or 1, "tensor": mesh_cfg.tensor or 1}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    sizes = {k: (devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != devices or min(sizes.values()) < 1:
+        raise ValueError(f"mesh {dataclasses.asdict(mesh_cfg)} does not fit {devices} devices (got {sizes}); "
+                         f"pass --devices a multiple of {fixed}")
+    return sizes
+
+
+def default_devices(mesh_cfg) -> int:
+    """The fewest devices the configured mesh allows (a -1 or unset axis counts 1)."""
+    return math.prod(v for v in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor) if v not in (None, -1))
+
+
+def param_elements_per_device(model_cfg, sizes: dict[str, int], rules=None) -> tuple[int, int]:
+    """(elements of all parameters on one device, of which replicated): each dim divided by its mesh axis size."""
+    import jax
+
+    from .model.decoder import param_logical_axes, param_shapes
+    from .model.sharding import DEFAULT_RULES, ShardingError
+
+    rules = rules or DEFAULT_RULES
+    is_tuple = lambda x: isinstance(x, tuple)  # noqa: E731
+    shapes = jax.tree_util.tree_flatten_with_path(param_shapes(model_cfg), is_leaf=is_tuple)[0]
+    axes = jax.tree.leaves(param_logical_axes(model_cfg), is_leaf=is_tuple)
+    total = replicated = 0
+    for (path, shape), logical in zip(shapes, axes):
+        n = 1
+        for size, axis, lname in zip(shape, rules.spec(logical), logical):
+            div = math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+            if size % div:
+                raise ShardingError(f"tensor {jax.tree_util.keystr(path)} dimension {lname}={size} is not divisible by "
+                                    f"mesh axis {axis!r} (size {div}); choose a mesh whose {axis!r} size divides {size}")
+            n *= size // div
+        total += n
+        replicated += n if n == math.prod(shape) else 0
+    return total, replicated
+
+
+def optimizer_dtypes(run_cfg, dtype) -> list:
+    """Dtypes of the per-parameter AdamW buffers jaxsr's optimizer really allocates (mu, nu, ...)."""
+    import jax
+
+    from .train import make_optimizer
+
+    tx, _ = make_optimizer(run_cfg.dpo, max(1000, run_cfg.dpo.warmup_steps + 1))
+    probe = (3, 5, 7)
+    state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct(probe, dtype)})
+    return [leaf.dtype for leaf in jax.tree.leaves(state) if leaf.shape == probe]
+
+
+def _activation_bytes(m, remat: str, rows: int, T: int, b: int, t: int) -> int:
+    """Activation bytes of one micro-batch of `rows` sequences of T tokens on one device (b bytes per element).
+
+    Per token and layer, with tensor-parallel width t ([B,T,D] tensors are replicated over `tensor`):
+      every = b*(8D + 3(H+K)E/t + 6F/t)      x, norms and their float32 parts, projections, residual; q, k, v,
+              + (5+b)*H*T/t                  roped q, k, attention output; gate, up, sigmoid, silu, product;
+                                             float32 logits, mask, probabilities of the [H,T,T] attention
+      saved = every (none) | b*(3D + (H+2K)E/t + 2F/t) (dots: layer input + weight-matmul outputs)
+              | b*D (full: only the layer input)
+    activations = rows*T*(L*saved + [every if remat != none: the layer recomputed in the backward pass]).
+    """
+    D, H, K, E, F, L = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size, m.num_layers
+    every = b * (8 * D + 3 * (H + K) * E // t + 6 * F // t) + (5 + b) * H * T // t
+    saved = {"none": every, "dots": b * (3 * D + (H + 2 * K) * E // t + 2 * F // t), "full": b * D}[remat]
+    return rows * T * (L * saved + (every if remat != "none" else 0))
+
+
+def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
+    """Per-device bytes of each buffer of SFT, DPO and sampling, and whether the largest peak fits."""
+    import numpy as np
+
+    from .policy import DTYPES
+    from .sample import bucket
+
+    m, dtype = model_cfg, np.dtype(DTYPES[run_cfg.model.dtype])
+    b = dtype.itemsize
+    sizes = mesh_sizes(run_cfg.mesh, devices, m.hidden_size)
+    t, dp = sizes["tensor"], sizes["data"] * sizes["fsdp"]  # batches are split over data x fsdp
+    elems, repl = param_elements_per_device(m, sizes)
+    moments = optimizer_dtypes(run_cfg, dtype)
+    per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
+    out = {"params": elems * b, "optimizer": elems * sum(np.dtype(d).itemsize for d in moments),
+           # float32 accumulation (train.batch_grads); with grad_accum > 1 the micro-batch's gradient too.
+           "gradients": elems * 4 * (2 if run_cfg.dpo.grad_accum > 1 or run_cfg.sft.grad_accum > 1 else 1),
+           "reference": elems * b if run_cfg.dpo.reference == "on_the_fly" else 0,
+           # FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`.
+           "gathered_weights": b * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t}
+    rows = {}
+    for stage, seqs in (("sft", 1), ("dpo", 2)):  # a DPO row is a pair: chosen and rejected
+        sec = getattr(run_cfg, stage)
+        per = -(-(sec.batch_size // sec.grad_accum) // dp) * dp  # rounded up to the data-parallel size (data._microbatches)
+        rows[stage] = seqs * per // dp
+        out[f"{stage}_activations"] = _activation_bytes(m, run_cfg.model.remat, rows[stage], sec.max_length, b, t)
+        # float32 logits [B,T,V] and their gradient (an upper bound: train scores response positions only).
+        out[f"{stage}_logits"] = 2 * rows[stage] * sec.max_length * m.vocab_size * 4 // t
+    s = run_cfg.sample
+    new = max(s.max_new_tokens, run_cfg.judge.max_new_tokens, run_cfg.prompts.max_new_tokens)
+    # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
+    slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length)) + bucket(new)
+    rows["sample"] = -(-s.max_batch_rows // dp)
+    out["kv_cache"] = 2 * m.num_layers * rows["sample"] * slots * (m.num_kv_heads // t) * m.head_dim * b
+    out["sample_logits"] = rows["sample"] * m.vocab_size * 4 // t
+    train = out["params"] + out["optimizer"] + out["gradients"] + out["gathered_weights"]
+    peaks = {"sft": train + out["sft_activations"] + out["sft_logits"],
+             "dpo": train + out["reference"] + out["dpo_activations"] + out["dpo_logits"],
+             "sample": out["params"] + out["gathered_weights"] + out["kv_cache"] + out["sample_logits"]}
+    capacity = accelerator_bytes(accelerator)
+    usable = int(capacity * USABLE_FRACTION)
+    return {"model": {"model_type": m.model_type, "num_params": m.num_params, "layers": m.num_layers,
+                      "hidden": m.hidden_size, "heads": m.num_heads, "kv_heads": m.num_kv_heads, "vocab": m.vocab_size},
+            "accelerator": accelerator, "device_bytes": capacity, "usable_bytes": usable, "devices": devices,
+            "mesh": sizes, "dtype": run_cfg.model.dtype, "remat": run_cfg.model.remat,
+            "optimizer_dtypes": [np.dtype(d).name for d in moments], "float32_master_copy": False,
+            "replicated_param_elements": repl, "rows_per_device": rows, "kv_slots": slots,
+            "bytes": out, "peaks": peaks, "peak": max(peaks.values()), "fits": max(peaks.values()) <= usable}
+
+
+def format_plan(p: dict, source: str) -> str:
+    g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
+    bt, r, ms = p["bytes"], p["rows_per_device"], p["mesh"]
+    master = ", no float32 master copy" if p["dtype"] != "float32" else ""
+    rows = [(f"parameters ({p['dtype']}{master})", bt["params"]),
+            ("optimizer: AdamW " + " + ".join(p["optimizer_dtypes"]) + " moments", bt["optimizer"]),
+            ("gradients (float32 accumulation)", bt["gradients"]),
+            ("DPO reference params (dpo.reference=on_the_fly)", bt["reference"]),
+            ("all-gathered weights (2 layers + vocab matrix)", bt["gathered_weights"]),
+            (f"SFT activations ({r['sft']} seq/device, remat={p['remat']})", bt["sft_activations"]),
+            ("SFT logits + grad [B,T,V] float32", bt["sft_logits"]),
+            (f"DPO activations ({r['dpo']} seq/device, remat={p['remat']})", bt["dpo_activations"]),
+            ("DPO logits + grad [B,T,V] float32", bt["dpo_logits"]),
+            (f"KV cache ({r['sample']} rows/device x {p['kv_slots']} slots)", bt["kv_cache"]),
+            ("sampling logits [B,V] float32", bt["sample_logits"])]
+    lines = [f"model     {source}: {p['model']['model_type']}, {p['model']['num_params']:,} parameters",
+             f"hardware  {p['devices']} x {p['accelerator']} ({p['device_bytes'] / GiB:.1f} GiB each, "
+             f"{p['usable_bytes'] / GiB:.1f} GiB usable at {USABLE_FRACTION:.0%})",
+             f"mesh      data={ms['data']} fsdp={ms['fsdp']} tensor={ms['tensor']}; dtype {p['dtype']}; remat {p['remat']}",
+             "", f"{'per device':<56}{'GiB':>10}"]
+    lines += [f"{name:<56}{g(v)}" for name, v in rows]
+    lines += [""] + [f"{'peak ' + k:<56}{g(v)}" for k, v in p["peaks"].items()]
+    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+    lines.append(f"\nverdict: {verdict} (peak {p['peak'] / GiB:.2f} GiB of {p['usable_bytes'] / GiB:.1f} GiB usable per device)")
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+
+    run_cfg = load_config(args.config, args.overrides)
+    model_cfg, source = resolve_model(run_cfg)
+    accelerator = args.accelerator or getattr(run_cfg.mesh, "accelerator", "") or local_accelerator()
+    devices = args.devices or default_devices(run_cfg.mesh)
+    p = plan_memory(model_cfg, run_cfg, devices=devices, accelerator=accelerator)
+    p["source"] = source
+    print(json.dumps(p, indent=2) if args.json else format_plan(p, source))
+    if not args.devices and not args.json:
+        print(f"(planned for {devices} devices, the fewest the mesh allows; pass --devices N for a larger slice)")
+    return 0 if p["fits"] else EXIT_DOES_NOT_FIT
+
+
+def register_cli(sub, add_config_args) -> None:
+    p = sub.add_parser("plan", help="per-device memory of a config on an accelerator; exit 0 if it fits, 3 if not")
+    p.add_argument("--accelerator", choices=sorted(ACCELERATORS_GIB) + ["cpu"],
+                   help="device type (default: mesh.accelerator if the config has it, else this host's device)")
+    p.add_argument("--devices", type=int, help="number of devices (default: the fewest the configured mesh allows)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_config_args(p)
+    p.set_defaults(fn=cmd_plan)
+
+
+def main(argv=None) -> int:
+    """`python -m jaxsr.plan ...`, the same as `jaxsr plan ...`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="jaxsr")
+    sub = ap.add_subparsers(dest="command")
+    register_cli(sub, lambda p: (p.add_argument("--config"), p.add_argument("overrides", nargs="*")))
+    args = ap.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxsr plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

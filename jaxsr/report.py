@@ -1,0 +1,87 @@
+"""The end-of-run report: a per-iteration table (stdout + report.md), report.json, a PNG plot, TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import artifacts
+
+COLUMNS = [("model", "model", "{}"), ("world_score", "world score (0-5)", "{:.2f}"),
+           ("world_perfect", "perfect", "{:.1%}"), ("judge_pairwise_accuracy", "judge pairwise acc", "{:.1%}"),
+           ("prompts", "prompts", "{}"), ("pairs", "pairs", "{}"), ("tie_rate", "tie rate", "{:.1%}"),
+           ("parse_failure_rate", "parse failures", "{:.1%}"), ("mean_chosen_tokens", "chosen len", "{:.1f}"),
+           ("mean_rejected_tokens", "rejected len", "{:.1f}")]
+
+
+def _fmt(fmt: str, value) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, one row per model M_t (pairs/ties/parse failures are of the data M_t generated)."""
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(f, r.get(k)) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, title in zip(axes, ("world_score", "judge_pairwise_accuracy", "pairs"),
+                              ("instruction following (0-5)", "judge pairwise accuracy", "pairs generated")):
+        ys = [r.get(key) for r in rows]
+        pts = [(x, y) for x, y in zip(its, ys) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(title)
+        ax.set_xticks(its, [f"M{i}" for i in its])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def tensorboard(rows: list[dict], run_dir: Path) -> None:
+    """Eval figures per iteration plus every training stage's metrics.jsonl, as TensorBoard scalars."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(run_dir / "tensorboard")) as w:
+        for r in rows:
+            for key, value in r.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    w.add_scalar(f"eval/{key}", value, r["iteration"])
+        for metrics in sorted((run_dir / "train").glob("*/metrics.jsonl")):
+            stage = metrics.parent.name
+            for rec in artifacts.read_jsonl(metrics):
+                for key, value in rec.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        w.add_scalar(f"{stage}/{key}", value, rec.get("step", 0))
+
+
+def write_report(rows: list[dict], run_dir: Path, name: str) -> dict:
+    run_dir = Path(run_dir)
+    clean = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
+    artifacts.write_json_atomic(run_dir / "report.json", clean)
+    plot(rows, run_dir / "report.png")
+    tensorboard(clean, run_dir)
+    md = [f"# jaxsr run `{name}`", "", table(rows), "",
+          "World score: mean ground-truth score (0-5) of greedy answers to held-out instructions; perfect: share "
+          "scoring 5. Judge pairwise accuracy: agreement of M_t's judge with reference rankings. Prompts, pairs, tie "
+          "and parse-failure rates and lengths describe the data M_t generated for training M_{t+1}.", "",
+          "![report](report.png)", ""]
+    for r in rows:
+        if r.get("samples"):
+            md += [f"## Sample answers of {r['model']}", ""]
+            md += [f"- `{s['instruction']}` → `{s['response']}` (score {s['score']})" for s in r["samples"]]
+            md.append("")
+    (run_dir / "report.md").write_text("\n".join(md))
+    print(table(rows))
+    print(f"\nreport: {run_dir / 'report.md'}  plot: {run_dir / 'report.png'}  data: {run_dir / 'report.json'}")
+    return {}

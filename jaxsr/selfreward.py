@@ -1,0 +1,327 @@
+"""The four self-rewarding data stages of one iteration (paper §2.2-2.3): M_t creates its own training data.
+
+    prompts ──► candidates ──► judgements ──► pairs (+ reference log-probs under M_t)
+
+Each stage reads the previous stage's dataset, writes an HF `datasets` dataset of atomically committed shards
+(`jaxsr.artifacts.ShardedWriter`), and a stats JSON. A stage interrupted at any point resumes after its last
+committed shard; all randomness is a function of (seed, iteration, row), so a resumed stage writes exactly the
+rows an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .chat import chat_token_ids, render_user_turn
+from .config import JaxsrConfig
+from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
+from .pairs import select_pair
+from .policy import Policy, forward_logits
+from .sample import generate
+from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prompts", "candidates", "judgements", "pairs")
+# Rows per committed shard; a kill loses at most one shard of work.
+SHARD_PROMPTS = 16
+
+
+def _stage_seed(cfg: JaxsrConfig, iteration: int, stage: str) -> int:
+    return (cfg.seed * 1_000_003 + iteration * 7919 + STAGES.index(stage) * 104_729) % (2**31)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+# --- 1. prompts ------------------------------------------------------------------------------------------------
+
+def generate_prompts(policy: Policy, seed_prompts: Sequence[str], out_dir, cfg: JaxsrConfig, iteration: int, *,
+                     held_out: Sequence[str] = ()) -> dict:
+    """Self-Instruct: few-shot requests to the generator, filtered by ROUGE-L, length, blocklist and dedup.
+
+    One round = `prompts.requests_per_round` requests; each round's accepted prompts are one committed shard,
+    so resuming replays the filter state from disk and continues with the next round. With
+    `prompts.generator: world` the built-in world's task sampler stands in for the fixed generator model; it
+    never returns one of `held_out` (the evaluation instructions).
+    """
+    sec = cfg.prompts
+    if not seed_prompts:
+        raise ValueError("generate_prompts: no seed prompts (the IFT seed data is empty)")
+    writer = artifacts.ShardedWriter(out_dir, shard_size=10**9)
+    done = artifacts.read_dataset(out_dir, require_complete=False).to_list() if writer.done_rows() else []
+    filt = PromptFilter(max_rouge=sec.max_rouge, min_words=sec.min_words, max_words=sec.max_words, existing=seed_prompts)
+    accepted = []
+    for row in done:
+        filt.add(row["prompt"])
+        accepted.append(row["prompt"])
+    start_round = (max(r["round"] for r in done) + 1) if done else 0
+    seed = _stage_seed(cfg, iteration, "prompts")
+    bar = tqdm(total=sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
+    rnd = start_round
+    while len(accepted) < sec.num_prompts and rnd < sec.max_rounds:
+        if sec.generator == "world":
+            from .world.data import new_instructions
+
+            texts = new_instructions(seed, f"{iteration}/{rnd}", sec.requests_per_round, set(held_out))
+        else:
+            rng = random.Random(seed + rnd)
+            requests = [build_fewshot_prompt(seed_prompts, accepted, rng, num_seed=sec.num_seed_shots,
+                                             num_generated=sec.num_generated_shots)
+                        for _ in range(sec.requests_per_round)]
+            # Left-truncation keeps the open "Task N:" slot when the few-shot list outgrows the context.
+            outs = generate(policy, requests, max_new_tokens=sec.max_new_tokens, temperature=sec.temperature,
+                            top_p=sec.top_p, seed=seed + rnd, truncate_prompts=True)
+            texts = [extract_instruction(out[0].text) or "" for out in outs]
+        rows = []
+        for text in texts:
+            if filt.check(text) is None and len(accepted) < sec.num_prompts:
+                filt.add(text)
+                accepted.append(text)
+                rows.append({"prompt_id": len(accepted) - 1, "prompt": text, "round": rnd})
+        writer.extend(rows)
+        writer.flush()
+        bar.update(len(rows))
+        rnd += 1
+    bar.close()
+    if not accepted:
+        raise RuntimeError(f"generate_prompts: no prompt passed the filters in {rnd} rounds (rejections: {dict(filt.counts)})")
+    writer.finalize()
+    stats = {"stage": "prompts", "iteration": iteration, "prompts": len(accepted), "rounds": rnd,
+             "rejections": dict(filt.counts)}
+    artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
+    return stats
+
+
+# --- 2. candidates ---------------------------------------------------------------------------------------------
+
+def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, iteration: int) -> dict:
+    """N responses per prompt from M_t through the chat template, with token counts and finish reasons."""
+    sec = cfg.sample
+    prompts = artifacts.read_dataset(prompts_dir).to_list()
+    writer = artifacts.ShardedWriter(out_dir, shard_size=SHARD_PROMPTS * sec.num_samples)
+    start = writer.done_rows() // sec.num_samples
+    seed = _stage_seed(cfg, iteration, "candidates")
+    bar = tqdm(total=len(prompts), initial=start, desc=f"candidates (M{iteration})", unit="prompt")
+    for lo, hi in _chunks(len(prompts), SHARD_PROMPTS):
+        if hi <= start:
+            continue
+        chunk = prompts[lo:hi]
+        ids = chat_token_ids(policy.tokenizer, [p["prompt"] for p in chunk])
+        # The seed depends on the chunk, not on where a resumed run starts.
+        outs = generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
+                        temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo)
+        for p, comps in zip(chunk, outs):
+            for j, c in enumerate(comps):
+                writer.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "candidate_id": j, "response": c.text,
+                               "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason})
+        bar.update(len(chunk))
+    bar.close()
+    writer.finalize()
+    rows = artifacts.read_dataset(out_dir)
+    stats = {"stage": "candidates", "iteration": iteration, "prompts": len(prompts), "candidates": len(rows),
+             "mean_tokens": float(np.mean(rows["num_tokens"])) if len(rows) else 0.0,
+             "truncated_rate": float(np.mean([r == "length" for r in rows["finish_reason"]])) if len(rows) else 0.0}
+    artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
+    return stats
+
+
+# --- 3. judgements ---------------------------------------------------------------------------------------------
+
+def judge_request_ids(policy: Policy, template: str, instruction: str, response: str, max_new_tokens: int
+                      ) -> tuple[list[int], bool]:
+    """The chat-templated judge request, truncating the response (never the instruction) to fit the context."""
+    tok = policy.tokenizer
+    limit = policy.config.max_position_embeddings - max_new_tokens
+    ids = chat_token_ids(tok, [render_judge_prompt(template, instruction, response)])[0]
+    if len(ids) <= limit:
+        return ids, False
+    overhead = len(chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0])
+    resp_ids = tok(response, add_special_tokens=False)["input_ids"]
+    keep = limit - overhead
+    if keep <= 0:
+        raise ValueError(f"judge request for instruction {instruction[:60]!r} does not fit the context "
+                         f"({overhead} tokens without the response, limit {limit}); shorten judge.max_new_tokens")
+    # Token boundaries can shift after decoding, so shrink until the rendered request fits.
+    while keep > 0:
+        cut = tok.decode(resp_ids[:keep], skip_special_tokens=True)
+        ids = chat_token_ids(tok, [render_judge_prompt(template, instruction, cut)])[0]
+        if len(ids) <= limit:
+            return ids, True
+        keep -= max(1, len(ids) - limit)
+    return chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0], True
+
+
+def _digit_token_ids(tok) -> dict[int, list[int]]:
+    """Single-token spellings of 0-5 ("4" and " 4") that can follow "Score:"."""
+    out = {}
+    for k in range(6):
+        ids = set()
+        for text in (str(k), f" {k}"):
+            enc = tok(text, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1:
+                ids.add(enc[0])
+        out[k] = sorted(ids)
+    return out
+
+
+def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justifications: Sequence[str]
+                    ) -> list[tuple[float | None, list[float]]]:
+    """Probability-weighted mean of 0-5 for the token after "Score:" (the `expected` judge mode), batched.
+
+    Each row is request + justification cut after its last "Score:" (appended when missing); rows are
+    left-padded to a power-of-two length so the next-token distribution of every row is at the last position
+    and few shapes get compiled.
+    """
+    tok = policy.tokenizer
+    ctx = policy.config.max_position_embeddings
+    rows = []
+    for req, text in zip(request_ids, justifications):
+        idx = text.lower().rfind("score:")
+        prefix = text[: idx + len("score:")] if idx >= 0 else text.rstrip() + "\nScore:"
+        rows.append((list(req) + tok(prefix, add_special_tokens=False)["input_ids"])[-ctx:])
+    if not rows:
+        return []
+    length = min(ctx, max(16, 1 << (max(len(r) for r in rows) - 1).bit_length()))
+    ids = np.full((len(rows), length), policy.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = True
+    logits_BxV = forward_logits(policy, ids, mask)[:, -1]
+    probs_BxV = np.exp(logits_BxV - logits_BxV.max(-1, keepdims=True))
+    probs_BxV /= probs_BxV.sum(-1, keepdims=True)
+    digits = _digit_token_ids(tok)
+    out = []
+    for p_V in probs_BxV:
+        mass = [float(sum(p_V[i] for i in digits[k])) for k in range(6)]
+        total = sum(mass)
+        out.append((sum(k * m for k, m in enumerate(mass)) / total if total > 0 else None, mass))
+    return out
+
+
+def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int) -> dict:
+    """K sampled judgements per candidate (mean of valid scores), or one `expected` judgement."""
+    sec = cfg.judge
+    template = load_judge_template(sec.template)
+    cands = artifacts.read_dataset(candidates_dir).to_list()
+    k = sec.num_judgements if sec.mode == "sampled" else 1
+    per_shard = SHARD_PROMPTS * cfg.sample.num_samples
+    writer = artifacts.ShardedWriter(out_dir, shard_size=per_shard * k)
+    start = writer.done_rows() // k
+    seed = _stage_seed(cfg, iteration, "judgements")
+    bar = tqdm(total=len(cands), initial=start, desc=f"judge (M{iteration})", unit="cand")
+    for lo, hi in _chunks(len(cands), per_shard):
+        if hi <= start:
+            continue
+        chunk = cands[lo:hi]
+        reqs = [judge_request_ids(policy, template, c["prompt"], c["response"], sec.max_new_tokens) for c in chunk]
+        outs = generate(policy, [r[0] for r in reqs], num_samples=k, max_new_tokens=sec.max_new_tokens,
+                        temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo)
+        expected = (iter(expected_scores(policy, [r[0] for r in reqs], [o[0].text for o in outs]))
+                    if sec.mode == "expected" else None)
+        for c, (req, truncated), comps in zip(chunk, reqs, outs):
+            skipped = sec.exclude_truncated and c["finish_reason"] == "length"
+            for j, comp in enumerate(comps):
+                if expected is not None:
+                    score, mass = next(expected)
+                    if skipped:
+                        score, mass = None, [0.0] * 6
+                else:
+                    score, mass = (None if skipped else parse_score(comp.text)), []
+                writer.append({"prompt_id": c["prompt_id"], "candidate_id": c["candidate_id"], "judge_id": j,
+                               "judge_text": comp.text, "score": score, "digit_mass": mass,
+                               "response_truncated": truncated, "excluded": skipped})
+        bar.update(len(chunk))
+    bar.close()
+    writer.finalize()
+    rows = artifacts.read_dataset(out_dir).to_list()
+    judged = [r for r in rows if not r["excluded"]]
+    scores = [r["score"] for r in judged]
+    hist = Counter(str(int(round(s))) for s in scores if s is not None)
+    stats = {"stage": "judgements", "iteration": iteration, "mode": sec.mode, "judgements": len(judged),
+             "parse_failure_rate": float(np.mean([s is None for s in scores])) if scores else 0.0,
+             "score_histogram": {str(i): hist.get(str(i), 0) for i in range(6)},
+             "response_truncated": int(sum(r["response_truncated"] for r in rows if r["judge_id"] == 0)),
+             "excluded_candidates": int(sum(r["excluded"] for r in rows if r["judge_id"] == 0))}
+    artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
+    return stats
+
+
+# --- 4. pairs --------------------------------------------------------------------------------------------------
+
+def candidate_scores(judgements: list[dict]) -> dict[tuple[int, int], float | None]:
+    by_cand: dict[tuple[int, int], list] = {}
+    for r in judgements:
+        by_cand.setdefault((r["prompt_id"], r["candidate_id"]), []).append(None if r["excluded"] else r["score"])
+    return {key: aggregate_scores(v) for key, v in by_cand.items()}
+
+
+def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: JaxsrConfig, iteration: int,
+                *, reference_fn=None) -> dict:
+    """Best vs worst per prompt (ties and < 2 valid scores discarded), with M_t's reference log-probs."""
+    cands = artifacts.read_dataset(candidates_dir).to_list()
+    scores = candidate_scores(artifacts.read_dataset(judgements_dir).to_list())
+    by_prompt: dict[int, list[dict]] = {}
+    for c in cands:
+        by_prompt.setdefault(c["prompt_id"], []).append(c)
+    pairs, ties, too_few = [], 0, 0
+    for pid in sorted(by_prompt):
+        group = sorted(by_prompt[pid], key=lambda c: c["candidate_id"])
+        s = [scores.get((pid, c["candidate_id"])) for c in group]
+        valid = [x for x in s if x is not None and not math.isnan(x)]
+        picked = select_pair(s, [c["num_tokens"] for c in group], length_control=cfg.pairs.length_control)
+        if picked is None:
+            if len(valid) < 2:
+                too_few += 1
+            else:
+                ties += 1
+            continue
+        ci, ri = picked
+        if group[ci]["response"] == group[ri]["response"]:
+            ties += 1  # different scores for identical text: no preference signal
+            continue
+        pairs.append({"prompt_id": pid, "prompt": group[ci]["prompt"], "chosen": group[ci]["response"],
+                      "rejected": group[ri]["response"], "chosen_score": s[ci], "rejected_score": s[ri],
+                      "chosen_tokens": group[ci]["num_tokens"], "rejected_tokens": group[ri]["num_tokens"]})
+    if reference_fn is None:
+        from .train import reference_logps
+
+        def reference_fn(pol, prs, c):
+            # The DPO trainer's own tokenisation and truncation, so the stored values are what it would compute.
+            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong)
+    unusable = 0
+    if pairs:
+        ref_c, ref_r = reference_fn(policy, pairs, cfg)
+        kept = []
+        for p, a, b in zip(pairs, ref_c, ref_r):
+            if not (np.isfinite(a) and np.isfinite(b)):
+                unusable += 1  # the trainer would drop it (e.g. the prompt alone exceeds dpo.max_length)
+                continue
+            p["ref_chosen_logps"], p["ref_rejected_logps"] = float(a), float(b)
+            kept.append(p)
+        pairs = kept
+    # One shard: either all pairs (with their reference log-probs) are committed or none are.
+    writer = artifacts.ShardedWriter(out_dir, shard_size=max(1, len(pairs)))
+    if writer.done_rows() == 0:
+        writer.extend(pairs)
+    writer.finalize()
+    n_prompts = len(by_prompt)
+    stats = {"stage": "pairs", "iteration": iteration, "prompts": n_prompts, "pairs": len(pairs),
+             "tie_rate": ties / n_prompts if n_prompts else 0.0, "too_few_valid": too_few, "unusable_for_dpo": unusable,
+             "mean_chosen_tokens": float(np.mean([p["chosen_tokens"] for p in pairs])) if pairs else 0.0,
+             "mean_rejected_tokens": float(np.mean([p["rejected_tokens"] for p in pairs])) if pairs else 0.0,
+             "length_control": cfg.pairs.length_control}
+    artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
+    return stats

@@ -1,0 +1,597 @@
+"""SFT and DPO: jitted train steps, the optimizer, and a checkpointed loop that resumes exactly.
+
+The train state is a plain pytree {"params", "opt_state", "step"} that Orbax saves as is. A step is
+`train_step(state, batch, rng) -> (state, metrics)`: the gradient of the whole batch (a `lax.scan` over its
+micro-batches), global-norm clipping and AdamW. The dropout key of step s is fold_in(key(seed), s) and the
+order of the data is a function of (seed, epoch), so a run restored from its step-s checkpoint computes
+the same steps s+1, s+2, ... as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import data as data_lib
+from .config import TrainSection
+from .losses import preference_loss, sequence_logps
+from .model import decoder
+from .model.config import ModelConfig
+from .model.sharding import BATCH, DEFAULT_RULES, ShardingError, ShardingRules, batch_multiple, replicated
+from .policy import DTYPES, JAXSR_MODEL_FILE, Policy, load_policy, param_shardings, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss or gradient norm; the message names the step and the last good checkpoint."""
+
+
+# --- optimizer ----------------------------------------------------------------------------------------------
+
+def learning_rate_schedule(section: TrainSection, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_steps`, then cosine/linear decay reaching `final_lr` at the last update."""
+    lr, final, warm = section.lr, section.final_lr, section.warmup_steps
+    last = max(total_steps - 1, warm + 1)
+    if section.schedule == "cosine":
+        if warm == 0:
+            return optax.cosine_decay_schedule(lr, last, alpha=final / lr)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, last, final)
+    decay = optax.linear_schedule(lr, final, last - warm) if section.schedule == "linear" else optax.constant_schedule(lr)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def _decay_mask(params):
+    # As transformers' Trainer: no weight decay on norm scales and biases.
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return not (name.endswith("norm") or name.startswith("b"))
+
+    return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(section: TrainSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(section, total_steps)
+    adamw = optax.adamw(schedule, b1=section.adam_b1, b2=section.adam_b2, weight_decay=section.weight_decay,
+                        mask=_decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(section.clip_norm), adamw) if section.clip_norm > 0 else adamw
+    return tx, schedule
+
+
+# --- state and shardings ------------------------------------------------------------------------------------
+
+def init_state(params, tx) -> State:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _abstract_params(cfg: ModelConfig, dtype):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), decoder.param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def state_shardings(cfg: ModelConfig, mesh, tx, dtype, rules: ShardingRules = DEFAULT_RULES) -> State:
+    """Params FSDP x tensor; each optimizer-state leaf sharded like the parameter it tracks; scalars replicated."""
+    param_sh = param_shardings(cfg, mesh, rules)
+    abstract = _abstract_params(cfg, dtype)
+    by_path = {tuple(p): (s, a.shape) for (p, s), a in zip(jax.tree_util.tree_flatten_with_path(param_sh)[0],
+                                                            jax.tree.leaves(abstract))}
+
+    def one(path, leaf):
+        path = tuple(path)
+        for k in range(len(path)):  # mu['layers']['wq'] ends with the path of param ['layers']['wq']
+            hit = by_path.get(path[k:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        if leaf.ndim == 0:
+            return replicated(mesh)
+        raise ShardingError(f"optimizer state leaf {jax.tree_util.keystr(path)} (shape {leaf.shape}) "
+                            f"matches no parameter; cannot choose its sharding")
+
+    opt_sh = jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract))
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated(mesh)}
+
+
+def _abstract_state(cfg, tx, dtype, shardings):
+    shapes = jax.eval_shape(functools.partial(init_state, tx=tx), _abstract_params(cfg, dtype))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+# --- losses on batches --------------------------------------------------------------------------------------
+
+def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_rate: float = 0.0, remat: str = "none",
+                 mesh=None):
+    """Summed log-probs of each row's target (response) tokens and their count: ([N] float32, [N] int32).
+
+    Logits are computed only at the R scored positions: the hidden states are gathered first, so the
+    [N, R, V] log-softmax is the only vocabulary-sized tensor.
+    """
+    h_NxTxD, _ = decoder.hidden_states(
+        params, cfg, rows["ids"], rows["positions"], rows["mask"], segment_ids_BxT=rows.get("segment_ids"),
+        dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0, rng=rng, remat=remat, mesh=mesh)
+    h_NxRxD = jnp.take_along_axis(h_NxTxD, rows["target_pos"][..., None], axis=1)
+    logits_NxRxV = decoder.lm_head(params, cfg, h_NxRxD)
+    return sequence_logps(logits_NxRxV, rows["target_ids"], rows["target_mask"])
+
+
+def sft_loss(params, mb: Batch, rng, denom, ref_params, *, fwd):
+    """Summed response NLL of a micro-batch / `denom` (the response tokens of the whole step)."""
+    logps_N, _ = fwd(params, mb, rng)
+    loss = -logps_N.sum() / denom
+    return loss, {"loss": loss}
+
+
+def dpo_loss(params, mb: Batch, rng, denom, ref_params, *, fwd, beta, loss_type, label_smoothing, rpo_alpha):
+    """Preference loss of a micro-batch's pairs, summed and divided by `denom` (the real pairs of the step).
+
+    Chosen and rejected rows go through one forward pass ([b, 2, T] viewed as [2b, T]); the reference
+    log-probs come with the batch (precomputed with M_t) or from `ref_params` (on the fly, no gradient).
+    """
+    w_B = mb["weight"]
+    B = w_B.shape[0]
+    rows = {k: v.reshape((2 * B,) + v.shape[2:]) for k, v in mb.items() if k not in ("weight", "ref_logps")}
+    logps_N, ntok_N = fwd(params, rows, rng)
+    logps_Bx2, ntok_Bx2 = logps_N.reshape(B, 2), ntok_N.reshape(B, 2)
+    if ref_params is None:
+        ref_Bx2 = mb["ref_logps"]
+    else:
+        ref_Bx2 = jax.lax.stop_gradient(fwd(ref_params, rows, None)[0].reshape(B, 2))
+    pol_Bx2 = logps_Bx2
+    if loss_type == "ipo":
+        # TRL's IPO uses token-averaged log-probs, for the policy and the reference alike.
+        n_Bx2 = jnp.maximum(ntok_Bx2, 1).astype(jnp.float32)
+        pol_Bx2, ref_Bx2 = logps_Bx2 / n_Bx2, ref_Bx2 / n_Bx2
+    losses_B, chosen_r_B, rejected_r_B = preference_loss(
+        pol_Bx2[:, 0], pol_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1],
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+
+    def mean(x_B):  # over the real pairs of the whole step; padding rows have weight 0
+        return (x_B.astype(jnp.float32) * w_B).sum() / denom
+
+    loss = mean(losses_B)
+    metrics = {}
+    if rpo_alpha > 0:
+        # Iterative RPO: length-normalised NLL of the chosen response (always from summed log-probs).
+        metrics["nll_loss"] = mean(-logps_Bx2[:, 0] / jnp.maximum(ntok_Bx2[:, 0], 1))
+        loss = loss + rpo_alpha * metrics["nll_loss"]
+    metrics.update({
+        "loss": loss,
+        "rewards/chosen": mean(chosen_r_B),
+        "rewards/rejected": mean(rejected_r_B),
+        "rewards/margins": mean(chosen_r_B - rejected_r_B),
+        "rewards/accuracies": mean(chosen_r_B > rejected_r_B),
+        "logps/chosen": mean(pol_Bx2[:, 0]),
+        "logps/rejected": mean(pol_Bx2[:, 1]),
+    })
+    return loss, metrics
+
+
+def batch_grads(params, batch: Batch, rng, ref_params, *, loss_fn, normaliser):
+    """Gradient of the whole batch's loss and its metrics; micro-batches ([A, ...]) are a lax.scan.
+
+    Each micro-batch loss is already divided by the whole batch's count, so the sum over micro-batches is
+    the full-batch mean and grad_accum does not change the result.
+    """
+    denom = jnp.maximum(normaliser(batch), 1).astype(jnp.float32)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    A = jax.tree.leaves(batch)[0].shape[0]
+
+    def micro(i, mb):
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        (_, metrics), grads = value_and_grad(params, mb, r, denom, ref_params)
+        # Accumulate in float32 even for bfloat16 parameters.
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
+
+    if A == 1:
+        grads, metrics = micro(0, jax.tree.map(lambda x: x[0], batch))
+    else:
+        def body(carry, xs):
+            i, mb = xs
+            return jax.tree.map(jnp.add, carry, micro(i, mb)), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(micro, 0, jax.tree.map(lambda x: x[0], batch)))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(A), batch))
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
+
+
+def _train_step(state: State, batch: Batch, rng, ref_params, *, grads_fn, tx, schedule, dropout: bool):
+    step = state["step"]
+    step_rng = jax.random.fold_in(rng, step) if dropout else None
+    grads, metrics = grads_fn(state["params"], batch, step_rng, ref_params)
+    grad_norm = optax.tree.norm(grads)  # before clipping, as TRL logs it
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = metrics | {"grad_norm": grad_norm, "learning_rate": schedule(step)}
+    return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+
+def make_step_fns(kind: str, cfg: ModelConfig, mesh, section: TrainSection, tx, schedule, *, dtype=jnp.float32,
+                  remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None):
+    """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings)."""
+    fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=section.dropout, remat=remat, mesh=mesh)
+    if kind == "sft":
+        loss_fn = functools.partial(sft_loss, fwd=fwd)
+        normaliser = lambda b: b["target_mask"].sum()  # noqa: E731  (token mean over the whole step)
+    elif kind == "dpo":
+        loss_fn = functools.partial(dpo_loss, fwd=fwd, beta=section.beta, loss_type=section.loss_type,
+                                    label_smoothing=section.label_smoothing, rpo_alpha=section.rpo_alpha)
+        normaliser = lambda b: b["weight"].sum()  # noqa: E731  (mean over the real pairs of the step)
+    else:
+        raise ValueError(f"unknown training kind {kind!r}; expected 'sft' or 'dpo'")
+    grads_fn = functools.partial(batch_grads, loss_fn=loss_fn, normaliser=normaliser)
+    state_sh = state_shardings(cfg, mesh, tx, param_dtype or dtype, rules)
+    on_the_fly = kind == "dpo" and section.reference == "on_the_fly"
+    step = jax.jit(
+        functools.partial(_train_step, grads_fn=grads_fn, tx=tx, schedule=schedule, dropout=section.dropout > 0),
+        # state: params and optimizer state FSDP x tensor, step replicated; donated so the update is in place.
+        # batch: micro-batch axis whole on every device, rows split over data x fsdp.
+        # rng: the run's base key, replicated (the step folds in its own number).
+        # ref_params: the frozen reference (reference=on_the_fly), sharded like params; never donated.
+        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh),
+                      param_shardings(cfg, mesh, rules) if on_the_fly else None),
+        out_shardings=(state_sh, replicated(mesh)),  # metrics are scalars
+        donate_argnames=("state",),
+    )
+    return step, grads_fn, state_sh
+
+
+# Settings that only shape the data or the checkpoints; every other TrainSection field changes the compiled step.
+_NOT_IN_STEP = ("epochs", "max_steps", "max_length", "overlong", "checkpoint_every", "keep_checkpoints", "seed", "packing")
+
+
+def _step_key(section: TrainSection) -> tuple:
+    return tuple((f.name, getattr(section, f.name)) for f in dataclasses.fields(section) if f.name not in _NOT_IN_STEP)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_for(kind, cfg, mesh, step_key, total_steps, dtype, remat, rules, param_dtype):
+    """(optimizer, jitted step, state shardings), shared by runs whose steps compile to the same program."""
+    section = TrainSection(**dict(step_key))
+    tx, schedule = make_optimizer(section, total_steps)
+    step, _, state_sh = make_step_fns(kind, cfg, mesh, section, tx, schedule, dtype=dtype, remat=remat, rules=rules,
+                                      param_dtype=param_dtype)
+    return tx, step, state_sh
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    # [A, b, ...]: micro-batch axis unsplit, rows over data x fsdp, the rest whole.
+    return NamedSharding(mesh, P(None, BATCH))
+
+
+def to_device(batch: dict[str, np.ndarray], sharding) -> Batch:
+    # From the full global batch every host builds identically; each device takes its slice.
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+# --- reference log-probs ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+    fwd = functools.partial(target_logps, cfg=cfg, dtype=DTYPES[dtype], mesh=mesh)
+
+    def logps(params, rows):
+        b = rows["ids"].shape[0]
+        flat = {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in rows.items()}
+        return fwd(params, flat, None)[0].reshape(b, 2)
+
+    # params keep their shardings; pair rows over data x fsdp; the [b, 2] result comes back replicated.
+    return jax.jit(logps, in_shardings=(param_shardings(cfg, mesh, rules), NamedSharding(mesh, P(BATCH))),
+                   out_shardings=replicated(mesh))
+
+
+def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 1024, overlong: str = "truncate",
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of each pair's chosen and rejected response under `policy` (pi_ref = M_t).
+
+    Computed once per iteration and stored with the pairs as `ref_chosen_logps` / `ref_rejected_logps`, so
+    DPO holds one model. Tokenisation and truncation are the trainer's (use the same max_length/overlong).
+    Returns two float32 arrays aligned with `pairs`; NaN where the trainer would skip the pair.
+    """
+    toks, _ = data_lib.tokenize_pairs(policy.tokenizer, pairs, max_length=max_length, overlong=overlong,
+                                      where="reference log-probs")
+    fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
+    m = batch_multiple(policy.mesh)
+    keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask")
+    out = np.full((len(pairs), 2), np.nan, np.float32)
+    order = sorted(range(len(toks)), key=lambda i: toks[i].length)  # similar lengths share a bucket
+    for start in range(0, len(order), batch_size):
+        rows = [[i] for i in order[start:start + batch_size]]
+        b = data_lib.pair_batch(toks, rows, batch_size=batch_size, multiple=m, max_length=max_length,
+                                pad_id=policy.pad_token_id)
+        host = {k: b[k][0] for k in keys}
+        dev = {k: jax.make_array_from_callback(v.shape, NamedSharding(policy.mesh, P(BATCH)), lambda idx, v=v: v[idx])
+               for k, v in host.items()}
+        logps = np.asarray(jax.device_get(fn(policy.params, dev)))
+        for j, row in enumerate(rows):
+            out[toks[row[0]].index] = logps[j]
+    return out[:, 0], out[:, 1]
+
+
+# --- the checkpointed loop ----------------------------------------------------------------------------------
+
+class _MetricsFile:
+    """metrics.jsonl: one line per step, each written with a single append so a crash never tears a line."""
+
+    def __init__(self, path: Path, keep_upto: int):
+        self.path = path
+        self.write_ok = jax.process_index() == 0
+        if not self.write_ok:
+            return
+        kept = []
+        if path.is_file():  # drop steps a killed run logged after its last checkpoint (they will rerun)
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= keep_upto:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        if not self.write_ok:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+# Meta keys a resumed run must share with the checkpoint it resumes.
+_RUN_KEYS = ("stage", "seed", "total_steps", "batch_size", "grad_accum", "num_items", "data_fingerprint", "packing")
+
+
+def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, make_batch: Callable[[list], dict],
+         section: TrainSection, work_dir, *, mesh, log_fn, remat, compute_dtype, ref_params=None) -> Policy:
+    work_dir = Path(work_dir).absolute()
+    steps_dir, final_dir = work_dir / "steps", work_dir / "final"
+    fp = data_lib.fingerprint(items)
+    run_meta = {"stage": stage, "seed": section.seed, "total_steps": plan.total_steps, "batch_size": section.batch_size,
+                "grad_accum": section.grad_accum, "num_items": len(items), "data_fingerprint": fp,
+                "packing": bool(plan.pack_capacity)}
+    mesh = policy.mesh if mesh is None else mesh
+    if (final_dir / JAXSR_MODEL_FILE).is_file():
+        done = json.loads((final_dir / JAXSR_MODEL_FILE).read_text()).get("extra", {})
+        _check_same_run(done, run_meta, final_dir)
+        log.info("%s: %s already holds the final model of this run; loading it", stage, final_dir)
+        return load_policy(final_dir, dtype=policy.dtype, mesh=mesh, rules=policy.rules)
+    if final_dir.exists() and jax.process_index() == 0:
+        shutil.rmtree(final_dir)  # a final save cut short; it is redone from the last step checkpoint
+
+    cfg, rules = policy.config, policy.rules
+    dtype = DTYPES[compute_dtype or policy.dtype]
+    total = plan.total_steps
+    tx, train_step, state_sh = _step_for(kind, cfg, mesh, _step_key(section), total, dtype, remat, rules,
+                                         DTYPES[policy.dtype])
+    opts = ocp.CheckpointManagerOptions(max_to_keep=section.keep_checkpoints, create=True,
+                                        enable_async_checkpointing=True)
+    mngr = ocp.CheckpointManager(steps_dir, options=opts)
+    start = mngr.latest_step() or 0
+    if start:
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract_state(cfg, tx, DTYPES[policy.dtype], state_sh)),
+            meta=ocp.args.JsonRestore()))
+        _check_same_run(restored.meta, run_meta, steps_dir / str(start))
+        state = restored.state
+        log.info("%s: resumed from %s (step %d of %d)", stage, steps_dir / str(start), start, total)
+    else:
+        # A copy of the parameters: the state is donated to every step, the caller's policy must survive.
+        # params in with their shardings (not donated); the state comes out on the step's shardings.
+        init = jax.jit(lambda p: init_state(jax.tree.map(jnp.copy, p), tx),
+                       in_shardings=(state_sh["params"],), out_shardings=state_sh)
+        params = policy.params if mesh is policy.mesh else jax.device_put(policy.params, state_sh["params"])
+        state = init(params)
+    metrics_file = _MetricsFile(work_dir / "metrics.jsonl", keep_upto=start)
+    rng = jax.random.key(section.seed)
+    b_sharding = batch_sharding(mesh)
+
+    def prepare(s):
+        host = make_batch(plan.rows(s))
+        return to_device(host, b_sharding), data_lib.num_tokens(host), plan.locate(s)[0]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=None, dynamic_ncols=True)
+    every = section.checkpoint_every
+    pending = prepare(start) if start < total else None
+    t_last = time.perf_counter()
+    try:
+        for s in range(start, total):
+            batch, ntok, epoch = pending
+            state, metrics_dev = train_step(state, batch, rng, ref_params)
+            pending = prepare(s + 1) if s + 1 < total else None  # host work overlaps the device step
+            metrics = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+            now = time.perf_counter()
+            metrics["tokens_per_s"], t_last = ntok / max(now - t_last, 1e-9), now
+            n = s + 1
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                mngr.wait_until_finished()
+                last = mngr.latest_step()
+                raise TrainingDiverged(
+                    f"{stage}: non-finite loss {metrics['loss']} (grad_norm {metrics['grad_norm']}) at step {n}; "
+                    f"its state was not saved; the last good checkpoint is "
+                    f"{steps_dir / str(last) if last else 'none (no step checkpoint yet)'}")
+            metrics_file.write({"step": n, "epoch": epoch, **metrics})
+            if log_fn is not None:
+                log_fn(n, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if n % every == 0 or n == total:
+                e, k = plan.locate(n) if n < total else (epoch, None)
+                meta = run_meta | {"step": n, "epoch": e, "batch_in_epoch": k, "rng": f"fold_in(key({section.seed}), step)"}
+                mngr.save(n, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                if bar.disable:
+                    log.info("%s step %d/%d: loss %.4f, %.0f tokens/s", stage, n, total, metrics["loss"],
+                             metrics["tokens_per_s"])
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    trained = dataclasses.replace(policy, params=state["params"], mesh=mesh)
+    save_checkpoint(trained, final_dir, extra=run_meta | {"steps": total})
+    log.info("%s: wrote %s after %d steps", stage, final_dir, total)
+    return trained
+
+
+def _check_same_run(meta: dict, want: dict, where: Path) -> None:
+    diff = {k: (meta.get(k), want[k]) for k in _RUN_KEYS if meta.get(k) != want[k]}
+    if diff:
+        listed = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{where} belongs to a different run ({listed}); resume with the same data and settings "
+                         f"or use a new work directory")
+
+
+def _plan(items, section: TrainSection, packing: bool) -> data_lib.StepPlan:
+    return data_lib.StepPlan([it.length for it in items], section.batch_size, section.seed, epochs=section.epochs,
+                             max_steps=section.max_steps, pack_capacity=section.max_length if packing else None)
+
+
+def train_sft(policy: Policy, examples, section: TrainSection, work_dir, *, mesh=None, log_fn=None,
+              remat: str = "none", compute_dtype: str | None = None) -> Policy:
+    """Supervised fine-tuning on {prompt, response} records (loss on response tokens); resumes from work_dir/steps.
+
+    Returns the trained policy, also saved params-only in work_dir/final.
+    """
+    section.validate("sft")
+    mesh = policy.mesh if mesh is None else mesh
+    items, _ = data_lib.tokenize_sft(policy.tokenizer, list(examples), max_length=section.max_length,
+                                     overlong=section.overlong)
+    make = functools.partial(data_lib.sft_batch, items, batch_size=section.batch_size, grad_accum=section.grad_accum,
+                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id,
+                             packed=section.packing)
+    return _run("sft", "sft", policy, items, _plan(items, section, section.packing), make, section, work_dir,
+                mesh=mesh, log_fn=log_fn, remat=remat, compute_dtype=compute_dtype)
+
+
+def train_dpo(policy: Policy, pairs, section: TrainSection, work_dir, *, mesh=None, log_fn=None,
+              remat: str = "none", compute_dtype: str | None = None) -> Policy:
+    """DPO on {prompt, chosen, rejected[, ref_*_logps]} records with pi_ref = `policy` (M_t).
+
+    reference="precomputed" reads the pairs' ref log-probs (see `reference_logps`); "on_the_fly" keeps
+    `policy`'s parameters as a frozen reference. Resumes from work_dir/steps; final model in work_dir/final.
+    """
+    section.validate("dpo")
+    preference_loss(0.0, 0.0, 0.0, 0.0, beta=section.beta, loss_type=section.loss_type,
+                    label_smoothing=section.label_smoothing)  # rejects bad combinations before any compute
+    mesh = policy.mesh if mesh is None else mesh
+    precomputed = section.reference == "precomputed"
+    items, _ = data_lib.tokenize_pairs(policy.tokenizer, list(pairs), max_length=section.max_length,
+                                       overlong=section.overlong, need_ref=precomputed)
+    make = functools.partial(data_lib.pair_batch, items, batch_size=section.batch_size, grad_accum=section.grad_accum,
+                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id)
+    if not precomputed:
+        make = _without_ref(make)
+    ref_params = None
+    if not precomputed:
+        ref_params = policy.params if mesh is policy.mesh else jax.device_put(
+            policy.params, param_shardings(policy.config, mesh, policy.rules))
+    return _run("dpo", "dpo", policy, items, _plan(items, section, False), make, section, work_dir, mesh=mesh,
+                log_fn=log_fn, remat=remat, compute_dtype=compute_dtype, ref_params=ref_params)
+
+
+def _without_ref(make):
+    def f(rows):
+        b = make(rows)
+        b.pop("ref_logps")
+        return b
+
+    return f
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+def _load_for_training(cfg):
+    from .model.config import read_hf_config
+
+    if not cfg.model.path:
+        raise ValueError("model.path is required: pass model.path=DIR (a Hugging Face model directory or a jaxsr checkpoint)")
+    mesh = None
+    if any(v is not None for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)):
+        path = Path(cfg.model.path)
+        meta = path / JAXSR_MODEL_FILE
+        hidden = (json.loads(meta.read_text())["model"]["hidden_size"] if meta.is_file()
+                  else read_hf_config(path)[0].hidden_size)
+        mesh = cfg.mesh.build(hidden)
+    return load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
+
+
+def _with_reference(policy: Policy, records: list[dict], section: TrainSection, out: Path, source: str) -> list[dict]:
+    """Adds pi_ref = M_t log-probs to pairs that lack them, cached in OUT so a resumed run reuses the same numbers."""
+    cache = out / "reference_logps.npz"
+    if cache.is_file():
+        saved = np.load(cache)
+        chosen, rejected = saved["chosen"], saved["rejected"]
+        if len(chosen) != len(records):
+            raise ValueError(f"{cache} holds {len(chosen)} reference log-probs but {source} has {len(records)} pairs; "
+                             f"use a new --out directory")
+    else:
+        log.info("%s has no reference log-probs: computing them once with M_t", source)
+        chosen, rejected = reference_logps(policy, records, max_length=section.max_length, overlong=section.overlong,
+                                           batch_size=section.batch_size)
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "reference_logps.tmp.npz"
+            np.savez(tmp, chosen=chosen, rejected=rejected)
+            os.replace(tmp, cache)
+    return [r | {"ref_chosen_logps": float(c), "ref_rejected_logps": float(x)}
+            for r, c, x in zip(records, chosen, rejected)]
+
+
+def _cmd(stage: str, args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    section = getattr(cfg, stage)
+    if not args.verbose:
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+    # absl (under Orbax) installs a root handler at import time, so the CLI's basicConfig(INFO) is a no-op;
+    # set jaxsr's own level so resume, skip counts and progress still reach stderr.
+    logging.getLogger("jaxsr").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    out = Path(args.out)
+    policy = _load_for_training(cfg)
+    try:
+        if stage == "sft":
+            train_sft(policy, data_lib.load_sft(args.data), section, out, remat=cfg.model.remat)
+        else:
+            records = data_lib.load_pairs(args.data)
+            if section.reference == "precomputed" and not any(c in records[0] for c in data_lib.REF_COLUMNS):
+                records = _with_reference(policy, records, section, out, str(args.data))
+            train_dpo(policy, records, section, out, remat=cfg.model.remat)
+    except TrainingDiverged as e:
+        print(f"jaxsr {stage}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / 'final'}")
+    return 0
+
+
+def register_cli(sub, add_config_args) -> None:
+    for stage, text in (("sft", "supervised fine-tuning on {prompt, response} data (loss on the response)"),
+                        ("dpo", "DPO on {prompt, chosen, rejected} pairs with pi_ref = the loaded model")):
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("--data", required=True, help="JSONL file or Hugging Face datasets directory (save_to_disk)")
+        p.add_argument("--out", required=True, help="work directory: steps/ checkpoints, metrics.jsonl, final/")
+        add_config_args(p)
+        p.set_defaults(fn=functools.partial(_cmd, stage))

@@ -1,0 +1,127 @@
+"""The world's seed and evaluation data: IFT, EFT, eval, rm_eval and Self-Instruct seed prompts.
+
+Everything is a pure function of ``seed``. Held-out instructions (``eval`` and ``rm_eval``) are drawn
+first and their texts are excluded from the training splits, so evaluation never sees a prompt the
+model was trained on. Rows are plain dicts (``world_records``) so the TFDS builder can use them
+without importing ``datasets``; ``build_world`` wraps them as ``datasets.Dataset`` objects.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from ..judge import load_judge_template, render_judge_prompt
+from .tasks import Task, degraded_response, grade, judge_target, perfect_response, sample_task
+
+SPLITS = ("ift", "eft", "eval", "rm_eval", "seed_prompts")
+# The short judge prompt of this world (the paper's long one stays the default for real models); the
+# path is what the `judge.template` config option takes.
+WORLD_JUDGE_TEMPLATE_PATH = str(resources.files("jaxsr") / "templates" / "judge_world.txt")
+WORLD_JUDGE_TEMPLATE = load_judge_template(WORLD_JUDGE_TEMPLATE_PATH)
+
+
+def _rng(seed: int, stream: str) -> random.Random:
+    # A str seed is hashed with SHA-512 by random.Random, so each split gets its own stable stream and
+    # resizing one split does not reshuffle the others.
+    return random.Random(f"jaxsr-world/{seed}/{stream}")
+
+
+def _unique_tasks(rng: random.Random, n: int, exclude: set[str]) -> list[Task]:
+    tasks: list[Task] = []
+    seen = set(exclude)
+    while len(tasks) < n:
+        task = sample_task(rng)
+        if task.instruction not in seen:
+            seen.add(task.instruction)
+            tasks.append(task)
+    return tasks
+
+
+def _train_task(rng: random.Random, held_out: set[str]) -> Task:
+    while True:
+        task = sample_task(rng)
+        if task.instruction not in held_out:
+            return task
+
+
+def eval_reference_rankings(tasks: list[Task], rng: random.Random, num_candidates: int = 4) -> list[dict]:
+    """Per task, ``num_candidates`` responses with distinct ground-truth scores (no ties to rank)."""
+    if not 2 <= num_candidates <= 6:
+        raise ValueError(f"num_candidates must be in 2..6 (one per distinct score 0..5), got {num_candidates}")
+    rows = []
+    for task in tasks:
+        levels = rng.sample(range(6), num_candidates)
+        candidates = [degraded_response(task, rng, level) for level in levels]
+        rows.append({"instruction": task.instruction, "spec": json.dumps(task.spec, sort_keys=True),
+                     "candidates": candidates, "scores": [grade(task, c)[0] for c in candidates]})
+    return rows
+
+
+def eft_row(task: Task, candidate: str, template: str = WORLD_JUDGE_TEMPLATE) -> dict:
+    """One EFT example: the judge request as the prompt, the rubric judgement as the response."""
+    return {"prompt": render_judge_prompt(template, task.instruction, candidate),
+            "response": judge_target(task, candidate), "instruction": task.instruction,
+            "candidate": candidate, "score": grade(task, candidate)[0], "spec": json.dumps(task.spec, sort_keys=True)}
+
+
+def world_records(seed: int = 0, num_ift: int = 2000, num_eft: int = 2000, num_eval: int = 200,
+                  num_rm_eval: int = 100, num_candidates: int = 4) -> dict[str, list[dict]]:
+    """All splits as lists of dicts (see SPLITS and docs/world.md for the columns)."""
+    eval_tasks = _unique_tasks(_rng(seed, "eval"), num_eval, set())
+    rm_tasks = _unique_tasks(_rng(seed, "rm_eval"), num_rm_eval, {t.instruction for t in eval_tasks})
+    held_out = {t.instruction for t in eval_tasks + rm_tasks}
+
+    rng = _rng(seed, "ift")
+    ift = []
+    for _ in range(num_ift):
+        task = _train_task(rng, held_out)
+        ift.append({"prompt": task.instruction, "response": perfect_response(task, rng),
+                    "spec": json.dumps(task.spec, sort_keys=True)})
+
+    # Scores drawn uniformly over 0..5, as the paper rebalances its EFT scores (PAPER.md §3).
+    rng = _rng(seed, "eft")
+    eft = []
+    for _ in range(num_eft):
+        task = _train_task(rng, held_out)
+        eft.append(eft_row(task, degraded_response(task, rng, rng.randrange(6))))
+
+    seed_prompts = list(dict.fromkeys(r["prompt"] for r in ift))
+    return {
+        "ift": ift,
+        "eft": eft,
+        "eval": [{"instruction": t.instruction, "spec": json.dumps(t.spec, sort_keys=True)} for t in eval_tasks],
+        "rm_eval": eval_reference_rankings(rm_tasks, _rng(seed, "rm_eval_candidates"), num_candidates),
+        "seed_prompts": [{"prompt": p} for p in seed_prompts],
+    }
+
+
+def build_world(seed: int = 0, **sizes) -> dict:
+    """``world_records`` as ``datasets.Dataset`` objects, keyed by split name."""
+    from datasets import Dataset
+
+    return {name: Dataset.from_list(rows) for name, rows in world_records(seed, **sizes).items()}
+
+
+def save_world(out_dir, seed: int = 0, **sizes) -> Path:
+    """Write every split as ``out_dir/<split>/`` (save_to_disk) and ``out_dir/<split>.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, ds in build_world(seed, **sizes).items():
+        ds.save_to_disk(str(out / name))
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in ds:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+def new_instructions(seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
+    """`n` fresh instructions from the world's task distribution, never one of `held_out` (the eval sets).
+
+    The world's stand-in for the paper's fixed prompt generator (`prompts.generator: world`): the tiny model is
+    not trained to write instructions, so Self-Instruct with M_t would give it nonsense to answer.
+    """
+    rng = _rng(seed, f"new/{stream}")
+    return [_train_task(rng, held_out).instruction for _ in range(n)]

@@ -1,0 +1,325 @@
+"""The sampler against transformers' greedy decoding, a naive full-forward decoder and numpy distributions.
+
+Compile time dominates on CPU, so the tests share a few shapes: prompts of <= 16 tokens with max_new_tokens
+<= 20 (bucket 16 x 32) on the default 8-device mesh (batch 8 or 16), plus one long-prompt batch.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsr import load_policy, make_mesh
+from jaxsr.chat import chat_token_ids, render_user_turn
+from jaxsr.policy import forward_logits
+from jaxsr.sample import Completion, generate, sample_tokens
+
+FAMILIES = ["llama2", "llama3", "llama_linear_bias", "mistral", "qwen2", "qwen3"]
+# A ragged batch from 1 token to 100 (bucket 128); SHORT stays in the 16-token bucket of the fixture prompts.
+SHORT = [[5], [9, 17, 33, 2, 101], list(range(40, 56)), [300, 4, 4, 4], [7, 8, 9]]
+RAGGED = SHORT + [list(range(100, 200))]
+
+
+@pytest.fixture(scope="module")
+def policies(fixtures_dir):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_policy(fixtures_dir / "hf" / family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llama3(policies):
+    return policies("llama3")
+
+
+def reference(fixtures_dir, family):
+    ref = np.load(fixtures_dir / "hf" / family / "reference.npz")
+    prompts = [ref[f"greedy_prompt_{i}"].tolist() for i in range(3)]
+    return prompts, [ref[f"greedy_{i}"].tolist() for i in range(3)]
+
+
+def naive_greedy(policy, prompts, steps):
+    """Greedy decoding that recomputes the full forward (right-padded, no cache) for every new token."""
+    seqs = [list(p) for p in prompts]
+    width = max(map(len, prompts)) + steps
+    for _ in range(steps):
+        ids, mask = right_pad(seqs, width)
+        logits = forward_logits(policy, ids, mask)
+        for r, s in enumerate(seqs):
+            s.append(int(np.argmax(logits[r, len(s) - 1])))
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def naive_logprobs(policy, prompts, completions):
+    """log_softmax of the full-forward logits at each completion token (float64 on the host)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids, mask = right_pad(seqs, max(map(len, seqs)))
+    logits = forward_logits(policy, ids, mask).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return [[logp[r, len(p) + t - 1, tok] for t, tok in enumerate(c)] for r, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def right_pad(seqs, width):
+    ids = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), bool)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = s, True
+    return ids, mask
+
+
+def assert_same(a, b):
+    """Same completions: ids, texts and reasons exactly; logprobs up to float32 rounding (batch shapes differ)."""
+    assert [[(c.token_ids, c.text, c.finish_reason, c.prompt_tokens) for c in x] for x in a] == \
+        [[(c.token_ids, c.text, c.finish_reason, c.prompt_tokens) for c in x] for x in b]
+    for x, y in zip(a, b):
+        for c, d in zip(x, y):
+            np.testing.assert_allclose(c.logprobs, d.logprobs, atol=1e-5, rtol=0)
+
+
+def only(completions):
+    assert all(len(c) == 1 for c in completions)
+    return [c[0] for c in completions]
+
+
+# ------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers(family, policies, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, family)
+    out = only(generate(policies(family), prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[]))
+    assert [c.token_ids for c in out] == expected
+    assert all(c.finish_reason == "length" and len(c.logprobs) == 20 for c in out)
+
+
+@pytest.mark.parametrize("family, prompts", [("llama3", RAGGED), ("mistral", SHORT)])  # mistral: sliding window
+def test_greedy_and_logprobs_match_naive_full_forward(family, prompts, policies):
+    policy = policies(family)
+    out = only(generate(policy, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[]))
+    assert [c.token_ids for c in out] == naive_greedy(policy, prompts, 20)
+    for got, want in zip([c.logprobs for c in out], naive_logprobs(policy, prompts, [c.token_ids for c in out])):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert [c.prompt_tokens for c in out] == [len(p) for p in prompts]
+
+
+# ------------------------------------------------------------------ stopping and shapes
+
+
+def test_eos_as_first_token_gives_empty_completion(llama3, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, "llama3")
+    out = only(generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[expected[0][0]]))
+    assert out[0] == Completion([], "", [], "eos", len(prompts[0]))
+
+
+def test_per_row_eos_stop_while_other_rows_continue(llama3, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, "llama3")
+    # A token row 1 produces at step k but row 0 never produces: row 1 stops there, row 0 runs to the limit.
+    k, eos = next((k, t) for k, t in enumerate(expected[1]) if t not in expected[1][:k] and t not in expected[0])
+    out = only(generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[999, eos]))
+    assert out[1].token_ids == expected[1][:k] and out[1].finish_reason == "eos" and len(out[1].logprobs) == k
+    assert out[0].token_ids == expected[0] and out[0].finish_reason == "length"
+
+
+def test_default_eos_ids_come_from_the_policy(llama3):
+    assert 2 in llama3.eos_token_ids
+    out = only(generate(llama3, [[5, 9]], max_new_tokens=20, temperature=0.0))
+    greedy = only(generate(llama3, [[5, 9]], max_new_tokens=20, temperature=0.0, eos_token_ids=[]))[0].token_ids
+    want = greedy[:greedy.index(2)] if 2 in greedy else greedy
+    assert out[0].token_ids == want
+
+
+def test_one_prompt_and_max_new_tokens_one(llama3, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, "llama3")
+    (c,), = generate(llama3, prompts[:1], max_new_tokens=1, temperature=0.0, eos_token_ids=[])
+    assert c.token_ids == expected[0][:1] and c.finish_reason == "length" and len(c.logprobs) == 1
+
+
+@pytest.mark.parametrize("n", [3, 13])  # fewer prompts than devices, and more but not a multiple of 8
+def test_any_number_of_prompts_and_chunking(llama3, n):
+    prompts = [SHORT[i % 4][: 1 + i % 5] + [i] for i in range(n)]
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=5, eos_token_ids=[2])
+    full = generate(llama3, prompts, **kw)
+    assert len(full) == n
+    assert_same(full, generate(llama3, prompts, max_batch_rows=4, progress=False, **kw))  # 8-row chunks
+    assert_same(full, generate(llama3, prompts, concurrency=3, **kw))  # chunks in parallel threads
+    # A prompt's completions depend on its index and the seed, not on the rest of the batch.
+    assert_same(generate(llama3, prompts[:1], **kw), full[:1])
+
+
+def test_num_samples_determinism_and_seeds(llama3):
+    kw = dict(num_samples=4, max_new_tokens=20, temperature=1.0, eos_token_ids=[])
+    a = generate(llama3, SHORT[:2], seed=0, **kw)
+    assert [len(x) for x in a] == [4, 4]
+    assert len({tuple(c.token_ids) for c in a[0]}) == 4  # different rows, different streams
+    assert generate(llama3, SHORT[:2], seed=0, **kw) == a
+    b = generate(llama3, SHORT[:2], seed=1, **kw)
+    assert [c.token_ids for c in b[0]] != [c.token_ids for c in a[0]]
+
+
+def test_texts_are_decoded_without_special_tokens(llama3):
+    (c,), = generate(llama3, ["Write a short poem"], max_new_tokens=20, temperature=0.0, eos_token_ids=[])
+    assert c.text == llama3.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    assert c.prompt_tokens == len(llama3.tokenizer("Write a short poem")["input_ids"])
+    ids = llama3.tokenizer("Write a short poem")["input_ids"]
+    assert only(generate(llama3, [ids], max_new_tokens=20, temperature=0.0, eos_token_ids=[]))[0] == c
+    bare = dataclasses.replace(llama3, tokenizer=None)
+    assert only(generate(bare, [[5, 9]], max_new_tokens=20, temperature=0.0, eos_token_ids=[]))[0].text == ""
+
+
+# ------------------------------------------------------------------ sharding
+
+
+SAMPLED = dict(temperature=1.5, top_p=0.8, top_k=40, seed=7)  # all three truncations at once
+
+
+@pytest.fixture(scope="module")
+def sharded_vs_single(fixtures_dir):
+    """Greedy and sampled completions of SHORT on an fsdp=4 x tensor=2 mesh and on one device."""
+    path = fixtures_dir / "hf" / "llama3"  # 2 kv heads: tensor parallelism of 2 divides them
+    out = {}
+    for name, mesh in (("sharded", make_mesh(data=1, fsdp=4, tensor=2)), ("single", make_mesh(1, 1, 1, devices=jax.devices()[:1]))):
+        policy = load_policy(path, mesh=mesh)
+        for mode, kw in (("greedy", dict(temperature=0.0)), ("sampled", SAMPLED)):
+            out[name, mode] = generate(policy, SHORT, max_new_tokens=20, eos_token_ids=[2], num_samples=2, **kw)
+        out[name, "policy"] = policy
+    return out
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_sharded_mesh_equals_single_device(sharded_vs_single, mode):
+    assert_same(sharded_vs_single["sharded", mode], sharded_vs_single["single", mode])
+
+
+def test_sampled_logprobs_are_the_unmodified_model_distribution(sharded_vs_single):
+    # Temperature, top-k and top-p change which token is drawn, never the reported log-probability.
+    policy, out = sharded_vs_single["single", "policy"], sharded_vs_single["sharded", "sampled"]
+    prompts = [p for p in SHORT for _ in range(2)]
+    completions = [c.token_ids for x in out for c in x]
+    assert len({tuple(c) for c in completions}) == len(completions)
+    want = naive_logprobs(policy, prompts, completions)
+    for got, w in zip([c.logprobs for x in out for c in x], want):
+        np.testing.assert_allclose(got, w, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ the sampling distribution
+
+
+def reference_distribution(logits, temperature, top_k, top_p):
+    """The target distribution in float64, written independently of the sampler (no bisection, no CDF)."""
+    logits = np.asarray(logits, np.float64)
+    keep = np.ones(len(logits), bool)
+    if top_k:
+        keep &= logits >= np.sort(logits)[::-1][top_k - 1]
+    p = np.where(keep, np.exp((logits - logits.max()) / temperature), 0.0)
+    if top_p < 1:
+        total = p.sum()
+        keep &= np.array([p[p > q].sum() < top_p * total for q in p])  # mass strictly above each token
+        p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+# 40 tokens = 3 CDF blocks; exact ties at 1.5 (three tokens) straddle the top-p cut of case "top_p".
+LOGITS = np.round(np.random.RandomState(0).normal(0, 1.5, 40), 1)
+LOGITS[[3, 17, 29]] = 1.5
+CASES = {
+    "temperature": (0.7, 0, 1.0),
+    "top_k": (1.0, 7, 1.0),
+    "top_p": (1.3, 0, float(reference_distribution(LOGITS, 1.3, 0, 1.0)[LOGITS > 1.5].sum() + 0.03)),
+    "top_k_top_p": (0.8, 20, 0.8),
+    "tiny_top_p_flat": (50.0, 0, 0.04),  # most proposals rejected: exercises the exact bisection fallback
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampling_distribution_matches_numpy(case):
+    temperature, top_k, top_p = CASES[case]
+    n = 200_000
+    want = reference_distribution(LOGITS, temperature, top_k, top_p)
+    draw = jax.jit(lambda l, k: sample_tokens(l, k, temperature=temperature, top_p=top_p, top_k=top_k))
+    tokens = np.asarray(draw(np.tile(LOGITS.astype(np.float32), (n, 1)), jax.random.split(jax.random.key(11), n)))
+    got = np.bincount(tokens, minlength=len(LOGITS)) / n
+    assert got[want == 0].sum() == 0, "a token outside the top-k / top-p truncation was sampled"
+    # With 200k draws the empirical total variation to the true distribution is ~0.003 (sum over tokens of
+    # sqrt(p(1-p)/n)/2 for these ~10-40 tokens); 0.01 is > 3x that, while a wrong cut or temperature moves
+    # at least one token's mass by a few percent.
+    assert 0.5 * np.abs(got - want).sum() < 0.01, (got, want)
+
+
+def test_ties_at_the_top_p_threshold_are_all_kept():
+    want = reference_distribution(LOGITS, *CASES["top_p"])
+    assert np.all(want[LOGITS == 1.5] > 0) and np.all(want[LOGITS < 1.5] == 0)
+
+
+def test_greedy_is_argmax():
+    logits = np.random.RandomState(1).normal(size=(64, 40)).astype(np.float32)
+    logits[0, [4, 9]] = 10.0  # a tie: the first index wins, as np.argmax
+    keys = jax.random.split(jax.random.key(0), 64)
+    np.testing.assert_array_equal(sample_tokens(logits, keys, temperature=0.0), logits.argmax(-1))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_empty_prompt_list(llama3):
+    assert generate(llama3, [], max_new_tokens=4) == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_samples=0), "num_samples"),
+    (dict(concurrency=0), "concurrency"), (dict(max_batch_rows=0), "max_batch_rows"),
+])
+def test_bad_sampling_arguments(llama3, kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate(llama3, [[5]], **{"max_new_tokens": 4, **kw})
+
+
+def test_bad_prompts(llama3):
+    ctx = llama3.config.max_position_embeddings  # 128
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(llama3, [[5], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match=rf"prompt 1 has {ctx + 1} tokens.*{ctx}"):
+        generate(llama3, [[5], [5] * (ctx + 1)], max_new_tokens=4)
+    with pytest.raises(ValueError, match=rf"prompt 0 has 120 tokens; with max_new_tokens=20 it needs 140.*{ctx}"):
+        generate(llama3, [[5] * 120], max_new_tokens=20)
+    with pytest.raises(ValueError, match=r"prompt 2 has token id 320 outside the vocabulary \[0, 320\)"):
+        generate(llama3, [[5], [6], [7, 320]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 0 has token id -1"):
+        generate(llama3, [[-1]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="list"):
+        generate(llama3, "a single string", max_new_tokens=4)
+
+
+def test_truncate_prompts_keeps_the_last_tokens(llama3):
+    long = list(range(3, 3 + 120))
+    (c,), = generate(llama3, [long], max_new_tokens=20, temperature=0.0, eos_token_ids=[], truncate_prompts=True)
+    (d,), = generate(llama3, [long[-108:]], max_new_tokens=20, temperature=0.0, eos_token_ids=[])
+    assert c == d and c.prompt_tokens == 108
+
+
+# ------------------------------------------------------------------ chat
+
+
+def test_chat_helpers(llama3):
+    tok = llama3.tokenizer
+    text = render_user_turn(tok, "hi")
+    assert text == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+    assert render_user_turn(tok, "hi", system="be brief").startswith("<|system|>\nbe brief<|end|>\n<|user|>")
+    ids = chat_token_ids(tok, ["hi", "there"])
+    assert ids[0] == tok(text, add_special_tokens=False)["input_ids"] and len(ids) == 2
+    assert ids[0][0] == tok.convert_tokens_to_ids("<|user|>")
+
+
+def test_chat_without_template_names_the_tokenizer(llama3):
+    import copy
+
+    tok = copy.deepcopy(llama3.tokenizer)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="llama3.*no chat_template"):
+        render_user_turn(tok, "hi")
