@@ -314,11 +314,32 @@ def _record(state: _State, knobs: _Knobs, mode: _Mode) -> _State:
 
 
 def _cache_sharding(mesh, rules: ShardingRules):
-    return jax.sharding.NamedSharding(mesh, rules.spec(("batch", "kv_heads", "seq", "head_dim")))
+    # Keys [B, K, E, S] and values [B, K, S, E] alike: batch over data x fsdp, kv heads over tensor.
+    return jax.sharding.NamedSharding(mesh, rules.spec(("batch", "kv_heads", "head_dim", "seq")))
 
 
 def _knob_shardings(mesh):
     return _Knobs(*([replicated(mesh)] * len(_Knobs._fields)))
+
+
+def _layer_param_shardings(cfg: ModelConfig, mesh, rules: ShardingRules):
+    """Shardings of `decoder.unstack_layers`' output: the loaded ones, per layer without the layer axis."""
+    stacked = param_shardings(cfg, mesh, rules)
+    per_layer = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s.spec[1:])),
+                             stacked["layers"])
+    return {**stacked, "layers": [per_layer] * cfg.num_layers}
+
+
+@functools.lru_cache(maxsize=16)
+def _unstack_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+    """Jitted: the parameters with one weight dict per layer, made once per `generate` call. Slicing a layer
+    out of the stacked weights copies it, so the prefill and decode of every chunk take these instead.
+
+    Shardings: in as loaded (FSDP x tensor), out the same per layer. Donates nothing (the policy keeps its
+    parameters); the call holds this extra copy of the layer weights while it runs.
+    """
+    return jax.jit(functools.partial(decoder.unstack_layers, num_layers=cfg.num_layers),
+                   in_shardings=(param_shardings(cfg, mesh, rules),), out_shardings=_layer_param_shardings(cfg, mesh, rules))
 
 
 @functools.lru_cache(maxsize=64)
@@ -326,8 +347,9 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
     """Jitted prefill: the prompts' keys and values in a fresh cache of P + new_bucket slots, and the logits
     of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
 
-    Shardings: parameters as loaded (FSDP x tensor); prompts, logits and the cache's batch over data x fsdp;
-    the cache's kv heads over tensor. Donates nothing: its inputs are small host arrays and the parameters.
+    Shardings: per-layer parameters (`_unstack_fn`) as loaded (FSDP x tensor); prompts, logits and the
+    cache's batch over data x fsdp; the cache's kv heads over tensor. Donates nothing: its inputs are small
+    host arrays and the parameters.
     """
 
     def prefill(params, ids_BxP, mask_BxP):
@@ -342,7 +364,7 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
 
     b2 = batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
-    return jax.jit(prefill, in_shardings=(param_shardings(cfg, mesh, rules), b2, b2),
+    return jax.jit(prefill, in_shardings=(_layer_param_shardings(cfg, mesh, rules), b2, b2),
                    out_shardings=(decoder.KVCache(layers, layers, b2), b2))
 
 
@@ -351,7 +373,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _
     """Jitted decode: per-row random streams, then one `lax.while_loop` of (sample, feed) until every row is
     done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B) and the spent (cache, logits).
 
-    Shardings: parameters as loaded; the cache as `_prefill_fn` returns it; logits, per-row indices and the
+    Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row indices and the
     outputs over data x fsdp; the seed key and knobs replicated. Donates the cache and logits: the loop
     carries them in the donated buffers and updates the cache in place, one slot per step.
     """
@@ -369,16 +391,13 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _
                        last_B=jnp.zeros((B,), jnp.int32), pos_B=jnp.sum(mask_BxP, axis=1, dtype=jnp.int32),
                        length_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
                        eos_B=jnp.zeros((B,), bool), step=jnp.int32(0))
-        # Sliced here, the per-layer weights are materialised once per call instead of once per step.
-        layer_params = decoder.unstack_layers(params, cfg.num_layers)
-
         def feed(s: _State) -> _State:
             slot = prompt_bucket + s.step - 1  # the slot of the token just sampled
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(s.cache.valid_BxS, jnp.ones((B, 1), bool), slot, axis=1)
-            h_Bx1xD, cache = decoder.hidden_states(layer_params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
+            h_Bx1xD, cache = decoder.hidden_states(params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
                                                    cache=s.cache._replace(valid_BxS=valid_BxS), cache_index=slot,
                                                    dtype=DTYPES[dtype], mesh=mesh)
-            return s._replace(cache=cache, logits_BxV=decoder.lm_head(layer_params, cfg, h_Bx1xD)[:, 0], pos_B=s.pos_B + 1)
+            return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD)[:, 0], pos_B=s.pos_B + 1)
 
         def body(s: _State) -> _State:
             # The forward after the last token is wasted, but skipping it with a lax.cond makes XLA copy the
@@ -392,7 +411,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _
     b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
     return jax.jit(decode,
-                   in_shardings=(param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1,
+                   in_shardings=(_layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1,
                                  replicated(mesh), _knob_shardings(mesh)),
                    out_shardings=((b2, b2, b1, b1), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
 
@@ -520,7 +539,8 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     concurrency = concurrency or _default_concurrency(policy.mesh)
     size = -(-len(rows) // max(-(-len(rows) // cap), min(concurrency, len(rows))))
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
-    run = functools.partial(_run_chunk, policy, ids, multiple=multiple, cap=cap, new_bucket=new_bucket, mode=mode,
+    layer_params = _unstack_fn(cfg, policy.mesh, policy.dtype, policy.rules)(policy.params)
+    run = functools.partial(_run_chunk, policy, layer_params, ids, multiple=multiple, cap=cap, new_bucket=new_bucket, mode=mode,
                             knobs=knobs, seed_key_2=seed_key_2)
     for B, P in sorted({_chunk_shape(ids, chunk, multiple, cap) for chunk in chunks}):
         _programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E))  # compile here, once
@@ -550,9 +570,10 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
 
 
 def _default_concurrency(mesh) -> int:
-    """Chunks to run at once. XLA:CPU runs a decode step's small ops mostly on one core, so on CPU a call
-    keeps every core busy with one chunk per core and mesh device (1.6x the tokens/s of one 32-row chunk on 2
-    cores). Accelerators run one program at a time: 1."""
+    """Chunks to run at once. XLA:CPU runs a small model's decode step (many small ops) mostly on one core, so
+    on CPU one chunk per core and mesh device keeps the cores busy (~1.5x the tokens/s for a 1.5M-parameter
+    model on 2 cores; at 30M parameters XLA's own threading already fills them and it changes nothing).
+    Accelerators run one program at a time: 1."""
     if any(d.platform != "cpu" for d in mesh.devices.flat):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -567,12 +588,16 @@ def _programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _M
     B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
     sds = jax.ShapeDtypeStruct
     b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
-    params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), decoder.param_shapes(cfg),
-                          param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
+    shapes = decoder.param_shapes(cfg)
+    shapes["layers"] = [{k: v[1:] for k, v in shapes["layers"].items()}] * cfg.num_layers
+    params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), shapes,
+                          _layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
     ids, mask = sds((B, P), jnp.int32, sharding=b2), sds((B, P), bool, sharding=b2)
     prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket).lower(params, ids, mask).compile()
-    layer = sds((B, cfg.num_kv_heads, S, cfg.head_dim), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
-    cache = decoder.KVCache((layer,) * cfg.num_layers, (layer,) * cfg.num_layers, sds((B, S), bool, sharding=b2))
+    K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    k_layer = sds((B, K, E, S), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
+    v_layer = sds((B, K, S, E), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
+    cache = decoder.KVCache((k_layer,) * L, (v_layer,) * L, sds((B, S), bool, sharding=b2))
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     knobs = _Knobs(sds((), jnp.float32, sharding=rep), sds((), jnp.float32, sharding=rep), sds((), jnp.int32, sharding=rep),
                    sds((), jnp.int32, sharding=rep), sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep))
@@ -586,7 +611,7 @@ def _chunk_shape(ids, chunk, multiple: int, cap: int) -> tuple[int, int]:
     return _batch_bucket(len(chunk), multiple, cap), bucket(max(len(ids[i]) for i, _ in chunk))
 
 
-def _run_chunk(policy: Policy, ids, chunk, *, multiple, cap, new_bucket, mode, knobs, seed_key_2):
+def _run_chunk(policy: Policy, layer_params, ids, chunk, *, multiple, cap, new_bucket, mode, knobs, seed_key_2):
     """Prefill + decode of one chunk of (prompt, sample) rows; returns {row: (token ids, logprobs, eos?)}."""
     B, P = _chunk_shape(ids, chunk, multiple, cap)
     ids_BxP = np.full((B, P), knobs.pad_id, np.int32)
@@ -602,8 +627,8 @@ def _run_chunk(policy: Policy, ids, chunk, *, multiple, cap, new_bucket, mode, k
     mask_BxP[len(chunk):, -1] = True
     prefill, decode = _programs(policy.config, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket,
                                 len(knobs.eos_E))
-    cache, logits_BxV = prefill(policy.params, ids_BxP, mask_BxP)
-    out, _ = decode(policy.params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B, seed_key_2, knobs)
+    cache, logits_BxV = prefill(layer_params, ids_BxP, mask_BxP)
+    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B, seed_key_2, knobs)
     tokens_BxN, logprobs_BxN, length_B, eos_B = jax.device_get(out)
     return {row: (tokens_BxN[r, :length_B[r]].tolist(), logprobs_BxN[r, :length_B[r]].tolist(), bool(eos_B[r]))
             for r, row in enumerate(chunk)}

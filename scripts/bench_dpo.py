@@ -142,7 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 for 1.5M, 6 for 30M)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="pin the process to this many cores and give torch as many threads (default: all, torch's "
+                         "default); --threads 1 compares per-core speed, which a busy machine distorts least")
     args = ap.parse_args(argv)
+    if args.threads:
+        # Before JAX starts: XLA sizes its thread pool from the CPUs this process may run on.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         print("note: XLA_FLAGS asks for fake devices; the bench uses only the first one", file=sys.stderr)
     try:
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_dpo needs torch (pip install torch==2.13.0 in a separate venv)", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lines = []
     for name in args.config or list(CONFIGS):
         steps = args.steps or (20 if name == "llama-1.5M" else 6)
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
             sec = alternating({"jaxsr": jaxsr_step(d, pairs), "torch": torch_step(model, pairs)}, steps, args.warmup)
             jax_ps, torch_ps = PAIRS / sec["jaxsr"], PAIRS / sec["torch"]
         line = {"model": name, "jaxsr_pairs_per_s": round(jax_ps, 2), "torch_pairs_per_s": round(torch_ps, 2),
-                "speedup": round(jax_ps / torch_ps, 2)}
+                "speedup": round(jax_ps / torch_ps, 2)} | ({"threads": args.threads} if args.threads else {})
         print(f"{name}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s (torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads)", file=sys.stderr)
         lines.append(line)

@@ -6,15 +6,18 @@ torch is not a jaxsr dependency; run this from an environment that has it, e.g.
 
 For each config it builds a random Llama with torch, saves it with `save_pretrained`, loads it with
 `jaxsr.load_policy`, and samples the same random prompts with both (temperature 0.7, top-p 0.9, exactly
-`--new-tokens` tokens: no EOS stop in jaxsr, `min_new_tokens` in transformers). jaxsr is warmed up first and
-its compile time reported separately; each side reports the median of `--repeats` timed runs. The last
-lines are one JSON object per config. Run it on plain devices (do not force fake host devices).
+`--new-tokens` tokens: no EOS stop in jaxsr, `min_new_tokens` in transformers). Both are warmed up first
+(jaxsr's compile time is reported separately); each side reports the median of `--repeats` timed runs, the
+two sides' runs alternating. The last lines are one JSON object per config, with the 1-minute load average
+at its end: numbers taken while other processes compete for the cores are not comparable (transformers'
+OpenMP threads slow down far more than XLA's). Run it on plain devices (do not force fake host devices).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,13 +39,10 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def bench_config(name: str, args) -> dict:
@@ -75,9 +75,6 @@ def bench_config(name: str, args) -> dict:
     t = time.perf_counter()
     run_jaxsr()
     first = time.perf_counter() - t
-    jax_s, _ = timed(run_jaxsr, args.repeats)
-    log(f"  jaxsr: first call {first:.2f}s (compile ~{first - jax_s:.2f}s), steady {jax_s * 1e3:.1f} ms "
-        f"-> {tokens / jax_s:,.0f} tokens/s")
 
     # Same weights? Greedy continuations of two prompts must agree (a broken conversion would not).
     ids = torch.tensor(prompts[:2])
@@ -85,32 +82,41 @@ def bench_config(name: str, args) -> dict:
         hf_greedy = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                                    min_new_tokens=8, pad_token_id=0)[:, args.prompt_len:].tolist()
     jx_greedy = [c[0].token_ids for c in generate(policy, prompts[:2].tolist(), max_new_tokens=8, temperature=0.0,
-                                                  eos_token_ids=[])]
+                                                  eos_token_ids=[], progress=False)]
     same_weights = hf_greedy == jx_greedy
     log(f"  greedy agreement on 2 prompts x 8 tokens: {same_weights}")
 
-    hf_s = None
+    ids, mask = torch.tensor(prompts), torch.ones(prompts.shape, dtype=torch.long)
+
+    def run_hf():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=0, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, pad_token_id=0)
+        assert out.shape[1] == args.prompt_len + args.new_tokens
+        return out
+
+    # Repeats alternate between the two so that a change in background load hits both alike.
+    jax_times, hf_times = [], []
     if not args.skip_hf:
-        ids = torch.tensor(prompts)
-        mask = torch.ones_like(ids)
-
-        def run_hf():
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=0, max_new_tokens=args.new_tokens,
-                                     min_new_tokens=args.new_tokens, pad_token_id=0)
-            assert out.shape[1] == args.prompt_len + args.new_tokens
-            return out
-
         run_hf()  # warm-up
-        hf_s, _ = timed(run_hf, args.repeats)
+    for _ in range(args.repeats):
+        jax_times.append(timed(run_jaxsr))
+        if not args.skip_hf:
+            hf_times.append(timed(run_hf))
+    jax_s = statistics.median(jax_times)
+    hf_s = statistics.median(hf_times) if hf_times else None
+    log(f"  jaxsr: first call {first:.2f}s (compile ~{first - jax_s:.2f}s), steady {jax_s * 1e3:.1f} ms "
+        f"-> {tokens / jax_s:,.0f} tokens/s")
+    if hf_s is not None:
         log(f"  transformers: steady {hf_s * 1e3:.1f} ms -> {tokens / hf_s:,.0f} tokens/s")
 
     result = {"model": name, "batch": args.batch, "jaxsr_tokens_per_s": round(tokens / jax_s, 1),
               "hf_tokens_per_s": None if hf_s is None else round(tokens / hf_s, 1),
               "speedup": None if hf_s is None else round(hf_s / jax_s, 2),
               "jaxsr_compile_s": round(first - jax_s, 2), "params": n_params, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "greedy_agrees": same_weights, "concurrency": args.concurrency}
+              "new_tokens": args.new_tokens, "greedy_agrees": same_weights, "concurrency": args.concurrency,
+              "load_avg_1m": round(os.getloadavg()[0], 2)}
     return result
 
 

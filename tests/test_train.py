@@ -364,19 +364,27 @@ def cli_env(cache_dir, devices):
     return env
 
 
-def run_cli(args, env, log_path, *, kill_at_checkpoint=False, timeout=240):
-    with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", "jaxsr.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-        if kill_at_checkpoint:
-            steps = args[args.index("--out") + 1] / "steps"
-            deadline = time.time() + timeout
-            while not (steps.is_dir() and any(d.name.isdigit() for d in steps.iterdir())):
-                assert p.poll() is None, f"exited before its first checkpoint:\n{log_path.read_text()}"
-                assert time.time() < deadline, "no checkpoint in time"
-                time.sleep(0.005)
-            p.send_signal(signal.SIGKILL)
-        rc = p.wait(timeout=timeout)
-    return rc, log_path.read_text()
+def start_cli(args, env, log_path):
+    log = open(log_path, "w")
+    p = subprocess.Popen([sys.executable, "-m", "jaxsr.cli", *map(str, args)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    p.log_path, p.log_file = log_path, log
+    return p
+
+
+def finish(p, timeout=300):
+    rc = p.wait(timeout=timeout)
+    p.log_file.close()
+    return rc, p.log_path.read_text()
+
+
+def kill_at_first_checkpoint(p, steps_dir, timeout=300):
+    deadline = time.time() + timeout
+    while not (steps_dir.is_dir() and any(d.name.isdigit() for d in steps_dir.iterdir())):
+        assert p.poll() is None, f"exited before its first checkpoint:\n{p.log_path.read_text()}"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    return finish(p)
 
 
 def metrics_without_timing(path):
@@ -394,13 +402,17 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_result(stage, llama3, tmp_pat
             f"{stage}.grad_accum=2", f"{stage}.max_length=64", f"{stage}.lr=1e-3", f"{stage}.dropout=0.1",
             f"{stage}.seed=3"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    rc, out = run_cli([stage, "--data", path, "--out", killed, *over], env, tmp_path / "a.log", kill_at_checkpoint=True)
+    # The uninterrupted run goes alongside the first (XLA compiles on one core), with its own compilation cache.
+    reference = start_cli([stage, "--data", path, "--out", clean, *over], cli_env(tmp_path / "cache_c", 1),
+                          tmp_path / "c.log")
+    rc, out = kill_at_first_checkpoint(start_cli([stage, "--data", path, "--out", killed, *over], env,
+                                                 tmp_path / "a.log"), killed / "steps")
     # Killed before the end (a final/ cut short mid-save would be redone on resume; not complete is what counts).
     assert rc == -signal.SIGKILL and not (killed / "final" / "jaxsr_model.json").exists(), out
-    rc, out = run_cli([stage, "--data", path, "--out", killed, *over], env, tmp_path / "b.log")
+    rc, out = finish(start_cli([stage, "--data", path, "--out", killed, *over], env, tmp_path / "b.log"))
     assert rc == 0, out
     assert "resumed from" in out, out
-    rc, out = run_cli([stage, "--data", path, "--out", clean, *over], env, tmp_path / "c.log")
+    rc, out = finish(reference)
     assert rc == 0, out
     a = jaxsr.load_policy(killed / "final", mesh=one_device())
     b = jaxsr.load_policy(clean / "final", mesh=one_device())

@@ -89,21 +89,22 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots; `valid_BxS` marks slots holding a real token.
 
-    One [B, K, S, E] array per layer rather than one stacked [L, ...] array: a decode step then writes its
-    slot into each layer's buffer in place and attention reads that buffer directly, whereas slicing a layer
-    out of a stacked cache (and writing it back) copies the whole layer every step. Slots sit next to
-    head_dim so q.k and p.v are batched matmuls over (B, K) with no transpose of the cache.
+    One array per layer rather than one stacked [L, ...] array: a decode step then writes its slot into each
+    layer's buffer in place and attention reads that buffer directly, whereas slicing a layer out of a stacked
+    cache (and writing it back) copies the whole layer every step. Keys are stored transposed ([B, K, E, S])
+    and values [B, K, S, E], so q.k and p.v are plain batched matmuls over (B, K) with the contraction on
+    contiguous memory (with keys [B, K, S, E], XLA:CPU's grouped-query q.k is ~3x slower).
     """
 
-    k_BxKxSxE: tuple[jax.Array, ...]  # one per layer
+    k_BxKxExS: tuple[jax.Array, ...]  # one per layer
     v_BxKxSxE: tuple[jax.Array, ...]  # one per layer
     valid_BxS: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
-        return cls(zeros(), zeros(), jnp.zeros((batch, slots), bool))
+        K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+        return cls(tuple(jnp.zeros((batch, K, E, slots), dtype) for _ in range(L)),
+                   tuple(jnp.zeros((batch, K, slots, E), dtype) for _ in range(L)), jnp.zeros((batch, slots), bool))
 
 
 def rms_norm(x, weight, eps):
@@ -149,12 +150,20 @@ def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_
     return mask_BxTxS[:, None]
 
 
-def _cached_attention(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xTxS, scale):
-    """Grouped-query attention over a [B, K, S, E] cache; scores and softmax in float32."""
+def _cached_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale):
+    """Grouped-query attention over a KVCache layer; scores and softmax in float32."""
     B, T, H, E = q_BxTxHxE.shape
-    K = k_BxKxSxE.shape[1]
+    K = k_BxKxExS.shape[1]
+    if T == 1:
+        # A decode step. Without the unit T axis in the contractions XLA:CPU keeps the probabilities
+        # [B, K, G, S] and p.v a plain batched matmul; with it, it transposes them and runs p.v ~6x slower.
+        q_BxKxGxE = q_BxTxHxE.reshape(B, K, H // K, E)
+        s_BxKxGxS = jnp.einsum("bkge,bkes->bkgs", q_BxKxGxE, k_BxKxExS, preferred_element_type=jnp.float32) * scale
+        s_BxKxGxS = jnp.where(mask_Bx1xTxS[:, :, 0][:, :, None], s_BxKxGxS, jnp.finfo(jnp.float32).min)
+        p_BxKxGxS = jax.nn.softmax(s_BxKxGxS, axis=-1).astype(v_BxKxSxE.dtype)
+        return jnp.einsum("bkgs,bkse->bkge", p_BxKxGxS, v_BxKxSxE).reshape(B, 1, H, E)
     q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    s_BxKxGxTxS = jnp.einsum("btkge,bkse->bkgts", q_BxTxKxGxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
+    s_BxKxGxTxS = jnp.einsum("btkge,bkes->bkgts", q_BxTxKxGxE, k_BxKxExS, preferred_element_type=jnp.float32) * scale
     # finfo.min, not -inf: a row with no valid key (batch padding) gets a uniform softmax instead of NaN.
     s_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxSxE.dtype)
@@ -162,7 +171,7 @@ def _cached_attention(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xTxS, scale):
 
 
 def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate):
-    """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxSxE, v_BxKxSxE) to write into."""
+    """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxExS, v_BxKxSxE) to write into."""
     lp = jax.tree.map(lambda a: a.astype(dtype), lp)
     # Projections and MLP run as 2-D matmuls over N = B*T rows: for a 3-D einsum, XLA:CPU computes the weight
     # gradient (a contraction over b and t) after explicit transposes of the activations, which cost about a
@@ -182,12 +191,12 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         attn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
     else:
         ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.swapaxes(1, 2).astype(ck.dtype), cache_index, axis=2)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), cache_index, axis=3)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), cache_index, axis=2)
         new_cache = (ck, cv)
         if isinstance(cache_index, int) and cache_index == 0:
             # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
-            attn = _cached_attention(q, ck[:, :, :T].astype(dtype), cv[:, :, :T].astype(dtype), mask[..., :T],
+            attn = _cached_attention(q, ck[..., :T].astype(dtype), cv[:, :, :T].astype(dtype), mask[..., :T],
                                      cfg.head_dim ** -0.5)
         else:
             attn = _cached_attention(q, ck.astype(dtype), cv.astype(dtype), mask, cfg.head_dim ** -0.5)
@@ -245,11 +254,14 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
         # its own cache buffer in place (see KVCache). `params["layers"]` may also be a list of per-layer
         # dicts (`unstack_layers`): a decode loop slices the weights once, outside the loop, not every step.
         layers = params["layers"]
+        # Materialise the RoPE tables once: otherwise XLA fuses sin/cos into every layer's q and k rotation
+        # and recomputes them 2L times per step.
+        cos, sin = jax.lax.optimization_barrier((cos, sin))
         ks, vs = [], []
         for i in range(cfg.num_layers):
             lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[i], layers)
             lrng = None if layer_rngs is None else layer_rngs[i]
-            x, (k_i, v_i) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, (cache.k_BxKxSxE[i], cache.v_BxKxSxE[i]),
+            x, (k_i, v_i) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, (cache.k_BxKxExS[i], cache.v_BxKxSxE[i]),
                                    cache_index, lrng, dropout_rate)
             ks.append(k_i)
             vs.append(v_i)
