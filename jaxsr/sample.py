@@ -360,7 +360,7 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
                                                cache=cache._replace(valid_BxS=valid_BxS), cache_index=0,
                                                dtype=DTYPES[dtype], mesh=mesh)
         # Left padding puts every row's last prompt token in the last column: only it needs logits.
-        return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:])[:, 0]
+        return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:], DTYPES[dtype])[:, 0]
 
     b2 = batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
@@ -397,7 +397,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _
             h_Bx1xD, cache = decoder.hidden_states(params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
                                                    cache=s.cache._replace(valid_BxS=valid_BxS), cache_index=slot,
                                                    dtype=DTYPES[dtype], mesh=mesh)
-            return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD)[:, 0], pos_B=s.pos_B + 1)
+            return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD, DTYPES[dtype])[:, 0], pos_B=s.pos_B + 1)
 
         def body(s: _State) -> _State:
             # The forward after the last token is wasted, but skipping it with a lax.cond makes XLA copy the

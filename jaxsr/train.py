@@ -142,7 +142,7 @@ def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_r
         dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0, rng=rng, remat=remat, mesh=mesh,
         unroll=unroll)
     h_NxRxD = jnp.take_along_axis(h_NxTxD, rows["target_pos"][..., None], axis=1)
-    logits_NxRxV = decoder.lm_head(params, cfg, h_NxRxD)
+    logits_NxRxV = decoder.lm_head(params, cfg, h_NxRxD, dtype)
     return sequence_logps(logits_NxRxV, rows["target_ids"], rows["target_mask"])
 
 

@@ -3,7 +3,8 @@
 One process, one CPU device for JAX (no fake devices), PyTorch with its default threads; the two steps run in
 alternating blocks so that both see the same machine load, and each side reports its median step time. Workload: 8 pairs per
 step, 64-token prompts, 64-token chosen and rejected responses, sigmoid loss with beta 0.1 and precomputed
-reference log-probs, AdamW with global-norm clipping 1.0, float32, no dropout. The PyTorch side is the DPO step
+reference log-probs, AdamW with global-norm clipping 1.0, no dropout, float32 parameters and optimizer state, the forward
+and backward in float32 and again in bfloat16 (torch: autocast; jaxsr: compute_dtype), one JSON line each. The PyTorch side is the DPO step
 of TRL's DPOTrainer written out plainly (TRL itself is not needed): one concatenated forward of chosen and
 rejected, summed response log-probs, the sigmoid loss, backward, clipping, AdamW.
 
@@ -77,7 +78,7 @@ def alternating(steps: dict, n: int, warmup: int, rounds: int = 3) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def jaxsr_step(model_dir: str, pairs):
+def jaxsr_step(model_dir: str, pairs, dtype: str):
     import jax
     import jax.numpy as jnp
 
@@ -90,7 +91,10 @@ def jaxsr_step(model_dir: str, pairs):
     section = TrainSection(lr=LR, final_lr=LR, schedule="constant", batch_size=PAIRS, dropout=0.0, beta=BETA,
                            loss_type="sigmoid", max_length=PROMPT + RESPONSE, clip_norm=1.0)
     tx, schedule = train.make_optimizer(section, 1000)
-    step_fn, _, shardings = train.make_step_fns("dpo", policy.config, mesh, section, tx, schedule)
+    # Mixed precision as the trainer runs it with sft/dpo.compute_dtype=bfloat16: float32 parameters and
+    # optimizer state, the forward and backward in `dtype`.
+    step_fn, _, shardings = train.make_step_fns("dpo", policy.config, mesh, section, tx, schedule,
+                                                dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), tx), out_shardings=shardings)(policy.params)
     host = data.pair_batch(pairs, [[i] for i in range(PAIRS)], batch_size=PAIRS, max_length=PROMPT + RESPONSE)
     assert host["ids"].shape == (1, PAIRS, 2, PROMPT + RESPONSE), host["ids"].shape
@@ -106,7 +110,7 @@ def jaxsr_step(model_dir: str, pairs):
     return step
 
 
-def torch_step(model, pairs):
+def torch_step(model, pairs, dtype: str):
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -122,7 +126,9 @@ def torch_step(model, pairs):
     ref = torch.tensor([p.ref_logps for p in pairs], dtype=torch.float32)
 
     def step():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        # bfloat16: torch's mixed precision (autocast; float32 weights and AdamW), as TRL runs with bf16=True.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         labels, lm = ids[:, 1:], loss_mask[:, 1:]
         token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
         logps = (token_logps * lm).sum(-1)
@@ -142,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 for 1.5M, 6 for 30M)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+                    help="compute dtype of both sides (default: both, float32 first); parameters and optimizer "
+                         "state stay float32")
     ap.add_argument("--threads", type=int, default=0,
                     help="pin the process to this many cores and give torch as many threads (default: all, torch's "
                          "default); --threads 1 compares per-core speed, which a busy machine distorts least")
@@ -161,16 +170,19 @@ def main(argv=None) -> int:
     lines = []
     for name in args.config or list(CONFIGS):
         steps = args.steps or (20 if name == "llama-1.5M" else 6)
-        with tempfile.TemporaryDirectory() as d:
-            model = make_model(name, d)
-            pairs = make_pairs(CONFIGS[name]["vocab_size"])
-            sec = alternating({"jaxsr": jaxsr_step(d, pairs), "torch": torch_step(model, pairs)}, steps, args.warmup)
-            jax_ps, torch_ps = PAIRS / sec["jaxsr"], PAIRS / sec["torch"]
-        line = {"model": name, "jaxsr_pairs_per_s": round(jax_ps, 2), "torch_pairs_per_s": round(torch_ps, 2),
-                "speedup": round(jax_ps / torch_ps, 2)} | ({"threads": args.threads} if args.threads else {})
-        print(f"{name}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s (torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads)", file=sys.stderr)
-        lines.append(line)
+        for dtype in args.dtype or ["float32", "bfloat16"]:
+            with tempfile.TemporaryDirectory() as d:
+                model = make_model(name, d)
+                pairs = make_pairs(CONFIGS[name]["vocab_size"])
+                sec = alternating({"jaxsr": jaxsr_step(d, pairs, dtype), "torch": torch_step(model, pairs, dtype)},
+                                  steps, args.warmup)
+                jax_ps, torch_ps = PAIRS / sec["jaxsr"], PAIRS / sec["torch"]
+            line = {"model": name, "dtype": dtype, "jaxsr_pairs_per_s": round(jax_ps, 2),
+                    "torch_pairs_per_s": round(torch_ps, 2), "speedup": round(jax_ps / torch_ps, 2),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)} | ({"threads": args.threads} if args.threads else {})
+            print(f"{name} {dtype}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s (torch "
+                  f"{torch.__version__}, {torch.get_num_threads()} threads)", file=sys.stderr)
+            lines.append(line)
     for line in lines:
         print(json.dumps(line))
     return 0

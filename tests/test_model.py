@@ -147,6 +147,48 @@ def test_nnx_module_matches_pure_forward(fixtures_dir):
     np.testing.assert_allclose(via_nnx, pure, rtol=0, atol=1e-6 * np.abs(pure).max())
 
 
+def test_low_precision_matmul_gradients_match_a_float32_reference():
+    """`decoder.matmul` in bfloat16 (custom VJP: low-precision operands, float32 products): its value and both
+    gradients equal float32 dots of the bfloat16-rounded operands, and come back in the inputs' dtypes."""
+    import jax.numpy as jnp
+
+    from jaxsr.model.decoder import matmul
+
+    rng = np.random.default_rng(0)
+    x, w, r = (rng.standard_normal(s).astype(np.float32) for s in ((24, 16), (16, 40), (24, 40)))
+    bf = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    loss = lambda x, w: (matmul(x, w, jnp.bfloat16, jnp.float32) * r).sum()  # noqa: E731
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32
+    xb, wb, rb = bf(x), bf(w), bf(r)  # the cotangent (r) is rounded to bfloat16 before the products too
+    np.testing.assert_allclose(float(value), float(((xb.astype(np.float64) @ wb) * r).sum()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), rb.astype(np.float64) @ wb.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), xb.T.astype(np.float64) @ rb, rtol=1e-5, atol=1e-5)
+    # bfloat16 inputs get bfloat16 gradients; a float32 matmul is a plain float32 dot.
+    _, (dxb, dwb) = jax.value_and_grad(lambda x, w: matmul(x, w).astype(jnp.float32).sum(), argnums=(0, 1))(
+        jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    assert dxb.dtype == jnp.bfloat16 and dwb.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(matmul(jnp.asarray(x), jnp.asarray(w))), np.asarray(jnp.dot(x, w)))
+
+
+def test_bfloat16_compute_on_cpu_keeps_float32_activations(fixtures_dir):
+    """On CPU a bfloat16 forward casts only matmul operands (activations stay float32): its logits are close to
+    the float32 ones, closer than bfloat16 rounding of every activation would allow."""
+    import jax.numpy as jnp
+
+    from jaxsr.model import decoder
+
+    assert decoder.activation_dtype(jnp.bfloat16, one_device_mesh()) == jnp.float32
+    assert decoder.activation_dtype(jnp.float32) == jnp.float32
+    policy = jaxsr.load_policy(fixtures_dir / "hf" / "llama3", mesh=one_device_mesh())
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    f32 = np.asarray(decoder.forward(policy.params, policy.config, ids))
+    b16 = np.asarray(decoder.forward(policy.params, policy.config, ids, dtype=jnp.bfloat16))
+    assert b16.dtype == np.float32
+    rel = np.abs(b16 - f32).max() / np.abs(f32).max()
+    assert 0 < rel < 2e-2, rel
+
+
 # --- bad input -----------------------------------------------------------------------------------------------
 
 @pytest.fixture
