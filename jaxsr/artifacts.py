@@ -10,7 +10,9 @@ POSIX), so a reader sees either the old state or the new one, never a half-write
     writer.finalize()                       # last shard + _COMPLETE
     ds = read_dataset(out_dir)
 
-One writer per directory at a time.
+One writer per directory at a time. In a multi-process run every process opens the same writers in the same
+order and appends the same rows; only process 0 writes (``jaxsr.distributed.is_primary``), the others count
+along and wait for it at ``finalize``. ``write_json_atomic`` and ``append_jsonl`` likewise write on process 0 only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import datasets
+
+from . import distributed
 
 # Shards are small and many; the library's per-save progress bars would drown the stage's own bar.
 datasets.disable_progress_bars()
@@ -88,11 +92,19 @@ class ShardedWriter:
             raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
         self.directory = Path(directory)
         self.shard_size = shard_size
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for p in self.directory.iterdir():
-            if p.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        committed = [datasets.load_from_disk(str(p)) for p in _shard_paths(self.directory)]
+        self._primary = distributed.is_primary()
+        if self._primary:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for p in self.directory.iterdir():
+                if p.name.startswith(_TMP_PREFIX):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        # Every process counts the same committed shards: none is read before the primary has cleaned up, and
+        # the primary commits nothing new before every process has counted.
+        distributed.barrier(f"open {self.directory}")
+        committed = ([datasets.load_from_disk(str(p)) for p in _shard_paths(self.directory)]
+                     if self.directory.is_dir() else [])
+        self._complete = is_complete(self.directory)
+        distributed.barrier(f"opened {self.directory}")
         if committed and features is not None and committed[0].features != features:
             raise ValueError(
                 f"{self.directory} was written with features {committed[0].features}, not the given {features}"
@@ -101,7 +113,6 @@ class ShardedWriter:
         self._num_shards = len(committed)
         self._done = sum(len(ds) for ds in committed)
         self._buffer: list[dict] = []
-        self._complete = is_complete(self.directory)
 
     def done_rows(self) -> int:
         """Rows committed to disk (by this writer or an earlier, interrupted one)."""
@@ -124,6 +135,11 @@ class ShardedWriter:
             self._commit()
 
     def _commit(self) -> None:
+        if not self._primary:  # process 0 writes these rows; the others only keep count
+            self._num_shards += 1
+            self._done += len(self._buffer)
+            self._buffer = []
+            return
         first = self._done
         try:
             ds = datasets.Dataset.from_list(self._buffer, features=self.features)
@@ -148,23 +164,26 @@ class ShardedWriter:
 
     def finalize(self) -> dict:
         """Commit the buffered rows and write ``_COMPLETE`` (row and shard counts,
-        ``content_hash`` of all rows as read back, features). Idempotent."""
+        ``content_hash`` of all rows as read back, features). Idempotent. With several processes, every one
+        must call it; they return once process 0 has written ``_COMPLETE``."""
         path = self.directory / COMPLETE
-        if path.is_file():
+        if self._complete:
             return json.loads(path.read_text(encoding="utf-8"))
         if self._buffer:
             self._commit()
-        ds = read_dataset(self.directory, require_complete=False)
-        info = {
-            "num_rows": len(ds),
-            "num_shards": self._num_shards,
-            "sha256": content_hash(ds),
-            # Kept here so that a stage with no rows (hence no shard) still reads back with its columns.
-            "features": None if self.features is None else self.features.to_dict(),
-        }
-        write_json_atomic(path, info)
+        if self._primary:
+            ds = read_dataset(self.directory, require_complete=False)
+            info = {
+                "num_rows": len(ds),
+                "num_shards": self._num_shards,
+                "sha256": content_hash(ds),
+                # Kept here so that a stage with no rows (hence no shard) still reads back with its columns.
+                "features": None if self.features is None else self.features.to_dict(),
+            }
+            write_json_atomic(path, info)
+        distributed.barrier(f"finalize {self.directory}")
         self._complete = True
-        return info
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_dataset(directory, *, require_complete: bool = True) -> datasets.Dataset:
@@ -196,7 +215,12 @@ def read_dataset(directory, *, require_complete: bool = True) -> datasets.Datase
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the new one, never a mix."""
+    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the new one, never a mix.
+
+    Process 0 only: in a multi-process run the others return without writing.
+    """
+    if not distributed.is_primary():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_TMP_PREFIX}{path.name}.")
@@ -236,8 +260,10 @@ def append_jsonl(path, obj) -> None:
     """Append ``obj`` as one JSON line to ``path`` and fsync it.
 
     The trailing newline is the commit mark: a torn last line left by an earlier
-    crash is dropped first, as ``read_jsonl`` would drop it.
+    crash is dropped first, as ``read_jsonl`` would drop it. Process 0 only, as ``write_json_atomic``.
     """
+    if not distributed.is_primary():
+        return
     line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
     with open(path, "ab+") as f:
         _drop_torn_tail(f)

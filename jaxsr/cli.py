@@ -30,28 +30,48 @@ def _mesh_from(args, embed_dim: int):
     return cfg.mesh.build(embed_dim)
 
 
+def _initialize(args) -> None:
+    """jax.distributed from the `distributed.*` keys of --config / overrides (before any JAX device is used)."""
+    from .config import load_config
+    from .distributed import initialize
+
+    if args.config or args.overrides:
+        initialize(load_config(args.config, args.overrides).distributed)
+
+
 def cmd_convert(args) -> int:
     from .model.config import read_hf_config
     from .policy import load_policy, save_checkpoint
 
+    _initialize(args)
     src = Path(args.hf_dir)
     dtype = _stored_dtype(src) if args.dtype == "auto" else args.dtype
     model_cfg, _ = read_hf_config(src) if src.is_dir() else (None, None)
     mesh = _mesh_from(args, model_cfg.hidden_size) if model_cfg and (args.config or args.overrides) else None
     policy = load_policy(src, dtype=dtype, mesh=mesh)
     out = save_checkpoint(policy, args.out, extra={"converted_from": str(src)})
-    print(f"wrote jaxsr checkpoint {out} ({policy.config.model_type}, {policy.config.num_params:,} parameters, {dtype})")
+    from .distributed import is_primary
+
+    if is_primary():
+        print(f"wrote jaxsr checkpoint {out} ({policy.config.model_type}, {policy.config.num_params:,} parameters, {dtype})")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .policy import load_policy, save_hf
+    from .distributed import is_primary
+    from .policy import JAXSR_MODEL_FILE, load_policy, save_hf
 
+    _initialize(args)
     src = Path(args.ckpt)
     dtype = _stored_dtype(src) if args.dtype == "auto" else args.dtype
-    policy = load_policy(src, dtype=dtype)
+    mesh = None
+    if (args.config or args.overrides) and (src / JAXSR_MODEL_FILE).is_file():
+        mesh = _mesh_from(args, json.loads((src / JAXSR_MODEL_FILE).read_text())["model"]["hidden_size"])
+    policy = load_policy(src, dtype=dtype, mesh=mesh)
+    # Every process gathers each tensor whole; process 0 writes the files.
     out = save_hf(policy, args.out, max_shard_bytes=int(args.max_shard_mb * 2**20))
-    print(f"wrote Hugging Face model directory {out} ({dtype})")
+    if is_primary():
+        print(f"wrote Hugging Face model directory {out} ({dtype})")
     return 0
 
 
@@ -79,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output HF model directory")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--max-shard-mb", type=float, default=2048, help="largest safetensors shard, in MiB")
+    add_config_args(p)  # mesh.* and distributed.* (several hosts export together)
     p.set_defaults(fn=cmd_export)
 
     from . import commands  # later stages register their subcommands here
@@ -98,10 +119,31 @@ def main(argv=None) -> int:
         return int(args.fn(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         # Configuration and input errors: one clear line, no traceback (use -v for it).
+        _exit_if_multiprocess(f"jaxsr {args.command}: error: {e}", 2, show_traceback=args.verbose)
         if args.verbose:
             raise
         print(f"jaxsr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        raise  # --stop-after and argparse: every process exits the same way
+    except BaseException as e:
+        _exit_if_multiprocess(f"jaxsr {args.command}: {type(e).__name__}: {e}", 1, show_traceback=True)
+        raise
+
+
+def _exit_if_multiprocess(message: str, code: int, *, show_traceback: bool) -> None:
+    """With several processes, end this one now (see jaxsr.distributed.exit_on_error): the others are, or soon
+    will be, waiting for it in a collective, and a normal exit would wait for them at JAX's shutdown barrier."""
+    if "jax" not in sys.modules:
+        return
+    from .distributed import exit_on_error, is_multiprocess
+
+    if is_multiprocess():
+        if show_traceback:
+            import traceback
+
+            traceback.print_exc()
+        exit_on_error(message, code)
 
 
 if __name__ == "__main__":

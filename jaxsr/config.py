@@ -135,12 +135,30 @@ class LoopSection:
 
 @dataclasses.dataclass
 class DistributedSection:
-    """Multi-process set-up. Empty coordinator_address: automatic on TPU pods / detected clusters, else one process."""
+    """Multi-process set-up (docs/launch.md). Not part of a run's identity: a run may resume on another layout.
+
+    Attributes:
+      coordinator_address: HOST:PORT of process 0, which runs JAX's coordinator there; empty: automatic on TPU
+        pods and detected clusters (SLURM, Open MPI), else one process.
+      num_processes / process_id: how many processes, and which one this is (0 .. num_processes - 1).
+      initialization_timeout: seconds to wait for the coordinator and all processes to join.
+      heartbeat_timeout: seconds after which a silent (killed, hung) process counts as dead and the coordinator
+        stops all the others.
+    """
 
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
     initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+
+    def __post_init__(self):
+        _positive("distributed.num_processes", self.num_processes)
+        _positive("distributed.initialization_timeout", self.initialization_timeout)
+        _positive("distributed.heartbeat_timeout", self.heartbeat_timeout)
+        if self.coordinator_address and not 0 <= self.process_id < self.num_processes:
+            raise ConfigValueError(f"distributed.process_id={self.process_id} must be in [0, {self.num_processes}) "
+                                   f"(distributed.num_processes={self.num_processes})")
 
 
 @dataclasses.dataclass

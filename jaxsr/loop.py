@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts, evaluate, selfreward
+from . import artifacts, distributed, evaluate, selfreward
 from .config import JaxsrConfig, to_dict
 from .policy import Policy, load_policy, random_policy
 
@@ -69,14 +69,24 @@ def path_hash(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+# Config keys that do not change what a run computes: a run may resume with other values (another port, more hosts).
+_NOT_IDENTITY = ("distributed.",)
+
+
 class Manifest:
+    """The run's config, versions and stage status. Every process holds the same copy (process 0 reads the
+    file and sends it to the others, so they agree on which stages are done); process 0 writes it."""
+
     def __init__(self, run_dir: Path, cfg: JaxsrConfig):
         self.path = run_dir / MANIFEST
         want = to_dict(cfg)
-        if self.path.is_file():
-            self.data = json.loads(self.path.read_text())
+        saved = json.loads(self.path.read_text()) if distributed.is_primary() and self.path.is_file() else None
+        saved = distributed.broadcast_json(saved)
+        if saved is not None:
+            self.data = saved
             have, new = _flatten(self.data["config"]), _flatten(want)
-            diff = sorted(k for k in set(have) | set(new) if have.get(k, "<unset>") != new.get(k, "<unset>"))
+            diff = sorted(k for k in set(have) | set(new) if have.get(k, "<unset>") != new.get(k, "<unset>")
+                          and not k.startswith(_NOT_IDENTITY))
             if diff:
                 detail = ", ".join(f"{k}: {have.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff[:10])
                 raise ConfigMismatch(f"{run_dir} was started with a different config ({len(diff)} keys differ: {detail}); "
@@ -93,6 +103,9 @@ class Manifest:
         return self.data["stages"].get(stage, {}).get("status") == "done"
 
     def mark(self, stage: str, outputs: dict[str, Path], inputs: dict[str, Path] | None = None, **info):
+        if not distributed.is_primary():  # the same decision as process 0's, without hashing the files again
+            self.data["stages"][stage] = {"status": "done"}
+            return
         self.data["stages"][stage] = {
             "status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "inputs": {k: path_hash(v) for k, v in (inputs or {}).items()},
@@ -246,18 +259,37 @@ def _stats(path: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def run_mesh(cfg: JaxsrConfig):
+    """The configured mesh; None (each model's default mesh, chosen when it loads) when `mesh:` is unset and
+    M0 comes from `model.path`. Raises before any compilation when the mesh does not fit the devices."""
+    m = cfg.mesh
+    if cfg.model.path and m.data is None and m.fsdp is None and m.tensor is None:
+        return None
+    return m.build(cfg.model.architecture.hidden_size)
+
+
 def run(cfg: JaxsrConfig, *, mesh=None, stop_after: str | None = None) -> list[dict]:
-    """Runs (or resumes) the whole loop and returns the per-model report rows."""
+    """Runs (or resumes) the whole loop and returns the per-model report rows.
+
+    mesh: None = `run_mesh(cfg)`. With several processes every process calls it with the same config; they
+    run every stage together and process 0 writes the run directory (see jaxsr.distributed).
+    """
     from .report import write_report
     from .train import train_dpo, train_sft
 
+    if mesh is None:
+        mesh = run_mesh(cfg)
+    if mesh is not None:
+        distributed.check_batches({"sft": cfg.sft, "dpo": cfg.dpo}, mesh)
     paths = RunPaths(Path(cfg.run_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
+    if distributed.is_primary():
+        paths.root.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(paths.root, cfg)
     T = cfg.loop.iterations
     if manifest.done("report"):
         log.info("%s: run already complete (M1..M%d); nothing to do", paths.root, T)
-        print(f"run {paths.root} is already complete; nothing to do. Report: {paths.root / 'report.md'}")
+        if distributed.is_primary():
+            print(f"run {paths.root} is already complete; nothing to do. Report: {paths.root / 'report.md'}")
         return json.loads((paths.root / "report.json").read_text())
 
     def stage(name, fn, outputs, inputs=None, **info):
@@ -266,6 +298,7 @@ def run(cfg: JaxsrConfig, *, mesh=None, stop_after: str | None = None) -> list[d
         log.info("stage %s", name)
         t0 = time.time()
         result = fn() or {}
+        distributed.barrier(f"stage {name}")  # all outputs written before anyone hashes or reads them
         manifest.mark(name, outputs, inputs, seconds=round(time.time() - t0, 1), result=result, **info)
         if stop_after == name:
             raise SystemExit(f"stopped after stage {name} (stop_after)")
@@ -319,7 +352,7 @@ def run(cfg: JaxsrConfig, *, mesh=None, stop_after: str | None = None) -> list[d
         stage(f"eval/M{t + 1}", lambda: do_eval(t + 1), {"eval": paths.eval(t + 1)}, {f"M{t + 1}": paths.model(t + 1)})
 
     rows = report_rows(cfg, paths)
-    stage("report", lambda: write_report(rows, paths.root, cfg.name),
+    stage("report", lambda: write_report(rows, paths.root, cfg.name) if distributed.is_primary() else {},
           {"report": paths.root / "report.json"})
     return rows
 
@@ -343,10 +376,11 @@ def _held_out_instructions(paths: RunPaths) -> list[str]:
 
 def _promote(src: Path, dst: Path):
     """The iteration checkpoint M_t: the training stage's final params-only checkpoint, moved into models/."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        return
-    src.rename(dst)
+    if distributed.is_primary():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            src.rename(dst)
+    distributed.barrier(f"promote {dst}")
 
 
 def report_rows(cfg: JaxsrConfig, paths: RunPaths) -> list[dict]:
@@ -383,10 +417,8 @@ def _load(args) -> JaxsrConfig:
 
 
 def _cmd_run(args) -> int:
-    from .distributed import initialize
-
     cfg = _load(args)
-    initialize(cfg.distributed)
+    distributed.initialize(cfg.distributed)
     run(cfg, stop_after=args.stop_after)
     return 0
 
@@ -394,15 +426,17 @@ def _cmd_run(args) -> int:
 def _cmd_stage(name: str):
     def cmd(args) -> int:
         cfg = _load(args)
+        distributed.initialize(cfg.distributed)
         paths = RunPaths(Path(cfg.run_dir))
         t = args.iteration
         if not paths.model(t).is_dir():
             raise FileNotFoundError(f"{paths.model(t)}: no checkpoint of M{t} (run `jaxsr run` up to it first)")
-        policy = load_policy(paths.model(t), dtype=cfg.model.dtype)
+        mesh = run_mesh(cfg)
+        policy = load_policy(paths.model(t), dtype=cfg.model.dtype, mesh=mesh)
         p = lambda s: paths.stage(t, s)  # noqa: E731
         if name == "prompts":
             seeds = artifacts.read_dataset(paths.data("seed_prompts"))["prompt"]
-            stats = selfreward.generate_prompts(_prompt_generator(cfg, policy, None), seeds, p("prompts"), cfg, t,
+            stats = selfreward.generate_prompts(_prompt_generator(cfg, policy, mesh), seeds, p("prompts"), cfg, t,
                                                 held_out=_held_out_instructions(paths))
         elif name == "sample":
             stats = selfreward.generate_candidates(policy, p("prompts"), p("candidates"), cfg, t)
@@ -410,7 +444,8 @@ def _cmd_stage(name: str):
             stats = selfreward.judge_candidates(policy, p("candidates"), p("judgements"), cfg, t)
         else:
             stats = selfreward.build_pairs(policy, p("candidates"), p("judgements"), p("pairs"), cfg, t)
-        print(json.dumps(stats, indent=2))
+        if distributed.is_primary():
+            print(json.dumps(stats, indent=2))
         return 0
 
     return cmd
@@ -418,18 +453,20 @@ def _cmd_stage(name: str):
 
 def _cmd_eval(args) -> int:
     cfg = _load(args)
+    distributed.initialize(cfg.distributed)
     paths = RunPaths(Path(cfg.run_dir))
     models = args.models or [t for t in range(1, cfg.loop.iterations + 1) if paths.model(t).is_dir()]
     if not models:
         raise FileNotFoundError(f"{paths.root / 'models'}: no model checkpoints to evaluate")
     rows = []
     for t in models:
-        res = evaluate_policy(load_policy(paths.model(t), dtype=cfg.model.dtype), cfg, paths, t)
+        res = evaluate_policy(load_policy(paths.model(t), dtype=cfg.model.dtype, mesh=run_mesh(cfg)), cfg, paths, t)
         artifacts.write_json_atomic(paths.eval(t), res)
         rows.append(res)
     from .report import table
 
-    print(table([{**r, "model": f"M{r['iteration']}"} for r in rows]))
+    if distributed.is_primary():
+        print(table([{**r, "model": f"M{r['iteration']}"} for r in rows]))
     return 0
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from . import distributed
 from .model import decoder, hf
 from .model.config import ModelConfig, read_hf_config
 from .model.sharding import (DEFAULT_RULES, ShardingRules, batch_multiple, batch_sharding, default_mesh,
@@ -156,15 +157,20 @@ def random_policy(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32", me
 # --- jaxsr checkpoints -------------------------------------------------------------------------------------
 
 def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Path:
-    """Params-only jaxsr checkpoint (the iteration checkpoint M_t). All processes must call it."""
+    """Params-only jaxsr checkpoint (the iteration checkpoint M_t).
+
+    All processes must call it: Orbax writes each process's shards; process 0 writes the metadata files.
+    """
     out = Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: checkpoint directory exists and is not empty")
+    # Every process has seen the directory empty before Orbax (process 0) creates anything in it.
+    distributed.barrier(f"save {out}")
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", policy.params)
         ckptr.wait_until_finished()
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         meta = {"format": FORMAT_VERSION, "model": policy.config.to_dict(), "dtype": policy.dtype,
                 "hf_config": policy.hf_config, "extra": extra or {}}
         if policy.tokenizer is not None:
@@ -173,6 +179,7 @@ def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Pa
             (out / "generation_config.json").write_text(json.dumps(policy.generation_config, indent=2))
         # Written last: its presence marks a complete checkpoint.
         (out / JAXSR_MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    distributed.barrier(f"saved {out}")
     return out
 
 
@@ -199,9 +206,12 @@ def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
 
 
 def save_hf(policy: Policy, out_dir, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Writes an HF model directory (safetensors, config.json, generation_config.json, tokenizer)."""
+    """Writes an HF model directory (safetensors, config.json, generation_config.json, tokenizer).
+
+    All processes must call it: each tensor is gathered whole from every process, process 0 writes.
+    """
     out = Path(out_dir)
-    write = jax.process_index() == 0
+    write = distributed.is_primary()
     if write:
         out.mkdir(parents=True, exist_ok=True)
     dtype = _check_dtype(dtype or policy.dtype)
@@ -217,6 +227,7 @@ def save_hf(policy: Policy, out_dir, *, dtype: str | None = None, max_shard_byte
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if policy.tokenizer is not None:
             policy.tokenizer.save_pretrained(str(out))
+    distributed.barrier(f"saved {out}")
     return out
 
 
@@ -244,7 +255,10 @@ def pad_batch(rows: np.ndarray, multiple: int, fill=0) -> np.ndarray:
 
 
 def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray:
-    """float32 logits [batch, length, vocab] for a batch of token ids (padding marked by attention_mask)."""
+    """float32 logits [batch, length, vocab] for a batch of token ids (padding marked by attention_mask).
+
+    With several processes every process must call it with the same batch; each returns all the logits.
+    """
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -258,5 +272,7 @@ def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray
     n = len(ids)
     m = batch_multiple(policy.mesh)
     fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
-    logits = fn(policy.params, pad_batch(ids.astype(np.int32), m), pad_batch(mask, m, True))
-    return np.asarray(jax.device_get(logits))[:n].astype(np.float32)
+    b2 = batch_sharding(policy.mesh, 2, policy.rules)
+    logits = fn(policy.params, distributed.global_array(pad_batch(ids.astype(np.int32), m), b2),
+                distributed.global_array(pad_batch(mask, m, True), b2))
+    return distributed.to_host(logits)[:n].astype(np.float32)

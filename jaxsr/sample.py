@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import distributed
 from .model import decoder
 from .model.config import ModelConfig
 from .model.sharding import ShardingRules, batch_multiple, batch_sharding, replicated
@@ -508,7 +509,10 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     or token-id lists (used verbatim). eos_token_ids: None = `policy.eos_token_ids`; [] = never stop early.
     Sampling: temperature, then top-k, then top-p (see `sample_tokens`); temperature=0 is greedy. The same
     seed gives the same completions whatever the mesh, batch padding, `max_batch_rows` or `concurrency`.
-    concurrency: chunks in flight at once (None: see `_default_concurrency`).
+    concurrency: chunks in flight at once (None: see `_default_concurrency`); always 1 with several processes.
+
+    With several processes every process must call it with the same arguments: each feeds its devices their
+    rows of every chunk and gets back all completions.
     """
     _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batch_rows)
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
@@ -537,6 +541,9 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     # compilation), at most `cap` rows each.
     rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)), key=lambda r: -len(ids[r[0]]))
     concurrency = concurrency or _default_concurrency(policy.mesh)
+    if jax.process_count() > 1:
+        # Every process must launch the same collective programs in the same order; threads would not.
+        concurrency = 1
     size = -(-len(rows) // max(-(-len(rows) // cap), min(concurrency, len(rows))))
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
     layer_params = _unstack_fn(cfg, policy.mesh, policy.dtype, policy.rules)(policy.params)
@@ -546,7 +553,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         _programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E))  # compile here, once
     results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
     bar = None
-    if progress and len(chunks) > concurrency:
+    if progress and len(chunks) > concurrency and distributed.is_primary():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(chunks), desc="sampling", unit="batch")
@@ -573,8 +580,8 @@ def _default_concurrency(mesh) -> int:
     """Chunks to run at once. XLA:CPU runs a small model's decode step (many small ops) mostly on one core, so
     on CPU one chunk per core and mesh device keeps the cores busy (~1.5x the tokens/s for a 1.5M-parameter
     model on 2 cores; at 30M parameters XLA's own threading already fills them and it changes nothing).
-    Accelerators run one program at a time: 1."""
-    if any(d.platform != "cpu" for d in mesh.devices.flat):
+    Accelerators run one program at a time: 1. Several processes: 1 (see `generate`)."""
+    if any(d.platform != "cpu" for d in mesh.devices.flat) or jax.process_count() > 1:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores // mesh.devices.size, 8))
@@ -627,9 +634,17 @@ def _run_chunk(policy: Policy, layer_params, ids, chunk, *, multiple, cap, new_b
     mask_BxP[len(chunk):, -1] = True
     prefill, decode = _programs(policy.config, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket,
                                 len(knobs.eos_E))
+    # Every process builds the same chunk; each device is given only its own rows (see jaxsr.distributed).
+    b1, b2 = batch_sharding(policy.mesh, 1, policy.rules), batch_sharding(policy.mesh, 2, policy.rules)
+    rep = replicated(policy.mesh)
+    ids_BxP, mask_BxP = distributed.global_array(ids_BxP, b2), distributed.global_array(mask_BxP, b2)
+    prompt_idx_B, sample_idx_B = distributed.global_array(prompt_idx_B, b1), distributed.global_array(sample_idx_B, b1)
+    knobs = _Knobs(*(distributed.global_array(k, rep) for k in knobs))
     cache, logits_BxV = prefill(layer_params, ids_BxP, mask_BxP)
-    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B, seed_key_2, knobs)
-    tokens_BxN, logprobs_BxN, length_B, eos_B = jax.device_get(out)
+    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B,
+                    distributed.global_array(seed_key_2, rep), knobs)
+    # Batch-sharded across processes: gathered whole onto every process.
+    tokens_BxN, logprobs_BxN, length_B, eos_B = distributed.to_host(out)
     return {row: (tokens_BxN[r, :length_B[r]].tolist(), logprobs_BxN[r, :length_B[r]].tolist(), bool(eos_B[r]))
             for r, row in enumerate(chunk)}
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .chat import chat_token_ids, render_user_turn
 from .config import JaxsrConfig
 from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
@@ -68,7 +68,8 @@ def generate_prompts(policy: Policy, seed_prompts: Sequence[str], out_dir, cfg: 
         accepted.append(row["prompt"])
     start_round = (max(r["round"] for r in done) + 1) if done else 0
     seed = _stage_seed(cfg, iteration, "prompts")
-    bar = tqdm(total=sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
+    bar = tqdm(total=sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt",
+               disable=not distributed.is_primary())
     rnd = start_round
     while len(accepted) < sec.num_prompts and rnd < sec.max_rounds:
         if sec.generator == "world":
@@ -113,7 +114,8 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
     writer = artifacts.ShardedWriter(out_dir, shard_size=SHARD_PROMPTS * sec.num_samples)
     start = writer.done_rows() // sec.num_samples
     seed = _stage_seed(cfg, iteration, "candidates")
-    bar = tqdm(total=len(prompts), initial=start, desc=f"candidates (M{iteration})", unit="prompt")
+    bar = tqdm(total=len(prompts), initial=start, desc=f"candidates (M{iteration})", unit="prompt",
+               disable=not distributed.is_primary())
     for lo, hi in _chunks(len(prompts), SHARD_PROMPTS):
         if hi <= start:
             continue
@@ -221,7 +223,8 @@ def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, 
     writer = artifacts.ShardedWriter(out_dir, shard_size=per_shard * k)
     start = writer.done_rows() // k
     seed = _stage_seed(cfg, iteration, "judgements")
-    bar = tqdm(total=len(cands), initial=start, desc=f"judge (M{iteration})", unit="cand")
+    bar = tqdm(total=len(cands), initial=start, desc=f"judge (M{iteration})", unit="cand",
+               disable=not distributed.is_primary())
     for lo, hi in _chunks(len(cands), per_shard):
         if hi <= start:
             continue

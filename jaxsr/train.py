@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import data as data_lib
+from . import distributed
 from .config import TrainSection
 from .losses import preference_loss, sequence_logps
 from .model import decoder
@@ -119,15 +120,16 @@ def _abstract_state(cfg, tx, dtype, shardings):
 
 # --- losses on batches --------------------------------------------------------------------------------------
 
-def layer_unroll(cfg: ModelConfig) -> int | bool:
-    """How the train step unrolls the layer scan: fully for up to 16 layers, not at all beyond.
+def layer_unroll(cfg: ModelConfig, remat: str = "none") -> int | bool:
+    """How the train step unrolls the layer scan: fully for up to 16 layers without rematerialisation, else not.
 
     A scan stacks every layer's residuals and weight gradients into [L, ...] buffers (zero-filled, then
     written and read slice by slice); unrolled, each layer keeps its own. On CPU that is 12% of a DPO step
-    of a 4-layer model and 20% of an 8-layer one (docs/benchmarks.md). Compile time grows with unrolled
-    depth, so deep models keep the scan.
+    of a 4-layer model and 20% of an 8-layer one. Compile time grows with unrolled depth, so deep models
+    keep the scan; and with remat the scan stays too: unrolled, XLA is free to schedule the recomputed
+    layers early and the step's peak memory grows back (by ~1.6x for remat=dots in tests/test_plan.py).
     """
-    return True if cfg.num_layers <= 16 else 1
+    return True if cfg.num_layers <= 16 and remat == "none" else 1
 
 
 def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_rate: float = 0.0, remat: str = "none",
@@ -242,7 +244,7 @@ def make_step_fns(kind: str, cfg: ModelConfig, mesh, section: TrainSection, tx, 
                   remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None):
     """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings)."""
     fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=section.dropout, remat=remat, mesh=mesh,
-                            unroll=layer_unroll(cfg))
+                            unroll=layer_unroll(cfg, remat))
     if kind == "sft":
         loss_fn = functools.partial(sft_loss, fwd=fwd)
         normaliser = lambda b: b["target_mask"].sum()  # noqa: E731  (token mean over the whole step)
@@ -293,8 +295,9 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def to_device(batch: dict[str, np.ndarray], sharding) -> Batch:
-    # From the full global batch every host builds identically; each device takes its slice.
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+    # Every process builds the same global batch on the host (a pure function of the plan and the data);
+    # each process transfers only the rows of its own devices.
+    return {k: distributed.global_array(v, sharding) for k, v in batch.items()}
 
 
 # --- reference log-probs ------------------------------------------------------------------------------------
@@ -333,9 +336,8 @@ def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 
         b = data_lib.pair_batch(toks, rows, batch_size=batch_size, multiple=m, max_length=max_length,
                                 pad_id=policy.pad_token_id)
         host = {k: b[k][0] for k in keys}
-        dev = {k: jax.make_array_from_callback(v.shape, NamedSharding(policy.mesh, P(BATCH)), lambda idx, v=v: v[idx])
-               for k, v in host.items()}
-        logps = np.asarray(jax.device_get(fn(policy.params, dev)))
+        dev = {k: distributed.global_array(v, NamedSharding(policy.mesh, P(BATCH))) for k, v in host.items()}
+        logps = distributed.to_host(fn(policy.params, dev))  # replicated: every process holds all of it
         for j, row in enumerate(rows):
             out[toks[row[0]].index] = logps[j]
     return out[:, 0], out[:, 1]
@@ -348,7 +350,7 @@ class _MetricsFile:
 
     def __init__(self, path: Path, keep_upto: int):
         self.path = path
-        self.write_ok = jax.process_index() == 0
+        self.write_ok = distributed.is_primary()
         if not self.write_ok:
             return
         kept = []
@@ -391,8 +393,9 @@ def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, 
         _check_same_run(done, run_meta, final_dir)
         log.info("%s: %s already holds the final model of this run; loading it", stage, final_dir)
         return load_policy(final_dir, dtype=policy.dtype, mesh=mesh, rules=policy.rules)
-    if final_dir.exists() and jax.process_index() == 0:
+    if final_dir.exists() and distributed.is_primary():
         shutil.rmtree(final_dir)  # a final save cut short; it is redone from the last step checkpoint
+    distributed.barrier(f"{stage}: clear {final_dir}")
 
     cfg, rules = policy.config, policy.rules
     dtype = DTYPES[compute_dtype or policy.dtype]
@@ -427,7 +430,8 @@ def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=None if distributed.is_primary() else True,
+               dynamic_ncols=True)
     every = section.checkpoint_every
     pending = prepare(start) if start < total else None
     t_last = time.perf_counter()
@@ -436,7 +440,7 @@ def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, 
             batch, ntok, epoch = pending
             state, metrics_dev = train_step(state, batch, rng, ref_params)
             pending = prepare(s + 1) if s + 1 < total else None  # host work overlaps the device step
-            metrics = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+            metrics = {k: float(v) for k, v in distributed.to_host(metrics_dev).items()}
             now = time.perf_counter()
             metrics["tokens_per_s"], t_last = ntok / max(now - t_last, 1e-9), now
             n = s + 1
@@ -564,7 +568,7 @@ def _with_reference(policy: Policy, records: list[dict], section: TrainSection, 
         log.info("%s has no reference log-probs: computing them once with M_t", source)
         chosen, rejected = reference_logps(policy, records, max_length=section.max_length, overlong=section.overlong,
                                            batch_size=section.batch_size)
-        if jax.process_index() == 0:
+        if distributed.is_primary():
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / "reference_logps.tmp.npz"
             np.savez(tmp, chosen=chosen, rejected=rejected)
@@ -577,6 +581,7 @@ def _cmd(stage: str, args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    distributed.initialize(cfg.distributed)
     section = getattr(cfg, stage)
     if not args.verbose:
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
@@ -585,6 +590,7 @@ def _cmd(stage: str, args) -> int:
     logging.getLogger("jaxsr").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     out = Path(args.out)
     policy = _load_for_training(cfg)
+    distributed.check_batches({stage: section}, policy.mesh)
     try:
         if stage == "sft":
             train_sft(policy, data_lib.load_sft(args.data), section, out, remat=cfg.model.remat)

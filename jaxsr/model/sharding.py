@@ -75,6 +75,7 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[in
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 for "the rest"."""
+    all_devices = devices is None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
@@ -85,13 +86,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     if bad:
         raise ShardingError(f"mesh sizes {bad} must be positive or -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
+    where = f"{n} devices" if not all_devices or jax.process_count() == 1 else (
+        f"{n} devices ({jax.process_count()} processes x {jax.local_device_count()} devices each)")
     if free:
         if n % fixed:
-            raise ShardingError(f"mesh sizes {sizes}: {n} devices are not divisible by {fixed}")
+            raise ShardingError(f"mesh sizes {sizes}: the {where} are not divisible by {fixed}")
         sizes[free[0]] = n // fixed
     if math.prod(sizes.values()) != n:
         raise ShardingError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
-                            f"{math.prod(sizes.values())} devices, but there are {n} devices")
+                            f"{math.prod(sizes.values())} devices, but there are {where}")
     if jax.process_count() > 1:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices=devices)
