@@ -21,15 +21,8 @@ command, so put any key=value overrides last. Sets XLA_PYTHON_CLIENT_MEM_FRACTIO
 USAGE
 }
 
-show() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./=:@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-
-die() { echo "launch_gpu.sh: $*" >&2; echo "Try --help." >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
 NODES="" RANK="" COORD="" VENV="$(cd "$(dirname "$0")/.." && pwd)/.venv" DRY_RUN=0
 while [ $# -gt 0 ]; do

@@ -21,15 +21,8 @@ Example:
 USAGE
 }
 
-show() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./=:@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-
-die() { echo "launch_tpu_pod.sh: $*" >&2; echo "Try --help." >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
 TPU="" ZONE="" PROJECT="" WORKDIR=jaxsr SETUP=0 DRY_RUN=0
 while [ $# -gt 0 ]; do

@@ -15,14 +15,8 @@ Creates DIR (default .venv in the checkout) and installs jaxsr with "jax[tpu]" i
 USAGE
 }
 
-# Prints a command as a shell would read it back (single-quoting words with special characters).
-show() {
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./=:@,+%-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
 DRY_RUN=0 VENV=.venv PY=python3 CONSTRAINTS=(-c constraints.txt)
 while [ $# -gt 0 ]; do
