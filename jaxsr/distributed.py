@@ -89,12 +89,10 @@ def _check_port_free(address: str) -> None:
 def initialize(section) -> None:
     """Explicit when distributed.coordinator_address is set; otherwise JAX's auto-detection on TPU pods only.
 
-    Must run before anything touches a JAX device. `section` is the config's `distributed:` section.
+    Must run before anything touches a JAX device. `section` is the config's `distributed:` section, whose
+    construction already checked process_id against num_processes (config.DistributedSection).
     """
     if section.coordinator_address:
-        if not 0 <= section.process_id < section.num_processes:
-            raise DistributedSetupError(f"distributed.process_id={section.process_id} must be in "
-                                        f"[0, {section.num_processes}) (distributed.num_processes={section.num_processes})")
         timeout = float(section.initialization_timeout)
         if section.process_id == 0:
             _check_port_free(section.coordinator_address)
