@@ -107,26 +107,25 @@ class KVCache(NamedTuple):
                    tuple(jnp.zeros((batch, K, slots, E), dtype) for _ in range(L)), jnp.zeros((batch, slots), bool))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mm_low(x_NxD, w_DxF, dtype, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _mm_low(x_NxD, w_DxF, dtype, out_dtype, x_dtype, w_dtype):
     return jnp.dot(x_NxD.astype(dtype), w_DxF.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _mm_low_fwd(x_NxD, w_DxF, dtype, out_dtype):
+def _mm_low_fwd(x_NxD, w_DxF, dtype, out_dtype, x_dtype, w_dtype):
     xl_NxD, wl_DxF = x_NxD.astype(dtype), w_DxF.astype(dtype)
     out = jnp.dot(xl_NxD, wl_DxF, preferred_element_type=jnp.float32).astype(out_dtype)
-    # The low-precision copies are the residuals; empty arrays carry the inputs' dtypes to the backward.
-    return out, (xl_NxD, wl_DxF, jnp.zeros((0,), x_NxD.dtype), jnp.zeros((0,), w_DxF.dtype))
+    return out, (xl_NxD, wl_DxF)  # the low-precision copies are the residuals
 
 
-def _mm_low_bwd(dtype, out_dtype, res, g_NxF):
-    xl_NxD, wl_DxF, x_tag, w_tag = res
+def _mm_low_bwd(dtype, out_dtype, x_dtype, w_dtype, res, g_NxF):
+    xl_NxD, wl_DxF = res
     g_NxF = g_NxF.astype(dtype)
     # Both products leave float32 and are cast once, to the inputs' own dtypes (float32 master weights and
     # activations: no cast at all).
     dx_NxD = jax.lax.dot_general(g_NxF, wl_DxF, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     dw_DxF = jax.lax.dot_general(xl_NxD, g_NxF, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx_NxD.astype(x_tag.dtype), dw_DxF.astype(w_tag.dtype)
+    return dx_NxD.astype(x_dtype), dw_DxF.astype(w_dtype)
 
 
 _mm_low.defvjp(_mm_low_fwd, _mm_low_bwd)
@@ -145,7 +144,7 @@ def matmul(x_NxD, w_DxF, dtype=None, out_dtype=None):
     dtype, out_dtype = jnp.dtype(dtype or x_NxD.dtype), jnp.dtype(out_dtype or x_NxD.dtype)
     if dtype == jnp.float32:
         return jnp.dot(x_NxD.astype(dtype), w_DxF.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
-    return _mm_low(x_NxD, w_DxF, dtype, out_dtype)
+    return _mm_low(x_NxD, w_DxF, dtype, out_dtype, jnp.dtype(x_NxD.dtype), jnp.dtype(w_DxF.dtype))
 
 
 def activation_dtype(dtype, mesh=None):
@@ -209,8 +208,9 @@ def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_
     return mask_BxTxS[:, None]
 
 
-def _cached_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale):
-    """Grouped-query attention over a KVCache layer; scores and softmax in float32."""
+def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale):
+    """Grouped-query attention over keys [B, K, E, S] and values [B, K, S, E] (a KVCache layer's layout, or
+    this chunk's keys and values transposed to it); scores and softmax in float32."""
     B, T, H, E = q_BxTxHxE.shape
     K = k_BxKxExS.shape[1]
     if T == 1:
@@ -255,7 +255,7 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         new_cache = None
         # The same grouped-query attention as the cache path, keys laid out [B, K, E, S]: on CPU its
         # gradient is ~40% faster than jax.nn.dot_product_attention's (which transposes scores and probabilities).
-        attn = _cached_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, cfg.head_dim ** -0.5)
+        attn = _gqa_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, cfg.head_dim ** -0.5)
     else:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), cache_index, axis=3)
@@ -263,10 +263,10 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         new_cache = (ck, cv)
         if isinstance(cache_index, int) and cache_index == 0:
             # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
-            attn = _cached_attention(q, ck[..., :T].astype(act), cv[:, :, :T].astype(act), mask[..., :T],
+            attn = _gqa_attention(q, ck[..., :T].astype(act), cv[:, :, :T].astype(act), mask[..., :T],
                                      cfg.head_dim ** -0.5)
         else:
-            attn = _cached_attention(q, ck.astype(act), cv.astype(act), mask, cfg.head_dim ** -0.5)
+            attn = _gqa_attention(q, ck.astype(act), cv.astype(act), mask, cfg.head_dim ** -0.5)
     # One contracting dim (h*e): with two, XLA:CPU may pick (e, h) order and transpose wo to match, which inside
     # the sampler's decode loop is a copy of every layer's wo at every step.
     HE = cfg.num_heads * cfg.head_dim
