@@ -197,6 +197,10 @@ class TrainSection:
       checkpoint_every / keep_checkpoints: step-checkpoint cadence and retention.
       packing: SFT only: pack several examples into each row of max_length tokens (attention stays within
         each example); batch_size then counts rows.
+      shared_prompt: DPO only: lay each pair out as one row, prompt + chosen + rejected, with the rejected
+        response attending to the prompt but not to the chosen one; the prompt's forward and backward
+        pass then run once per pair instead of twice. The same loss and gradient as two rows per pair
+        (up to float rounding); false: two rows.
     """
 
     lr: float = 5.5e-6
@@ -219,6 +223,7 @@ class TrainSection:
     seed: int = 0
     packing: bool = False
     # DPO only
+    shared_prompt: bool = True
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0

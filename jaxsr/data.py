@@ -282,9 +282,15 @@ def fingerprint(items: Sequence[Example | Pair]) -> str:
 
 # --- order --------------------------------------------------------------------------------------------------
 
-def bucket(n: int, cap: int, min_bucket: int = MIN_BUCKET) -> int:
-    """The padded length for n tokens: a power of two (at least min_bucket), never above cap (if n fits)."""
+def bucket(n: int, cap: int, min_bucket: int = MIN_BUCKET, *, fine: bool = False) -> int:
+    """The padded length for n tokens: a power of two (at least min_bucket), never above cap (if n fits).
+
+    fine: also 1.5 times a power of two (16, 24, 32, 48, 64, 96, ...): at most a third of a row is padding,
+    for twice the number of shapes to compile.
+    """
     b = max(min_bucket, 1 << max(n - 1, 0).bit_length())
+    if fine and b >= 2 * min_bucket and n <= 3 * b // 4:
+        b = 3 * b // 4
     return max(n, min(b, cap))
 
 
@@ -421,15 +427,58 @@ def sft_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, bat
     return _microbatches(arrays, batch_size, grad_accum, multiple, {"ids": pad_id})
 
 
+def _shared_prompt_layout(p: Pair):
+    """One row prompt + chosen + rejected: tokens, positions, branch ids (0 prompt, 1 chosen, 2 rejected) and
+    the scored (slot, token) of each response, [2] lists."""
+    P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
+    ids = np.concatenate([p.prompt, p.chosen, p.rejected])
+    pos = np.concatenate([np.arange(P + C), np.arange(P, P + R)])
+    branch = np.repeat([0, 1, 2], [P, C, R])
+    # The first token of either response is predicted by the last prompt token; the rest by their own branch.
+    tpos = [np.arange(P - 1, P - 1 + C), np.concatenate([[P - 1], np.arange(P + C, P + C + R - 1)])[:R]]
+    return ids, pos, branch, tpos, [p.chosen, p.rejected]
+
+
+def _shared_prompt_batch(pairs: Sequence[Pair], idx: Sequence[int], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    layout = [_shared_prompt_layout(pairs[i]) for i in idx]
+    # A row holds up to two responses after its prompt; fine buckets, since 3 of 4 halves is the common case.
+    T = bucket(max(len(l[0]) for l in layout), 2 * max_length, fine=True)
+    R = bucket(max(len(t) for l in layout for t in l[4]), max_length)
+    n = len(idx)
+    out = {"ids": np.full((n, T), pad_id, np.int32), "positions": np.zeros((n, T), np.int32),
+           "mask": np.zeros((n, T), bool), "branch": np.zeros((n, T), np.int32),
+           "target_pos": np.zeros((n, 2, R), np.int32), "target_ids": np.zeros((n, 2, R), np.int32),
+           "target_mask": np.zeros((n, 2, R), bool)}
+    for i, (ids, pos, branch, tpos, tids) in enumerate(layout):
+        out["ids"][i, :len(ids)] = ids
+        out["positions"][i, :len(ids)] = pos
+        out["mask"][i, :len(ids)] = True
+        out["branch"][i, :len(ids)] = branch
+        for k in range(2):
+            out["target_pos"][i, k, :len(tpos[k])] = tpos[k]
+            out["target_ids"][i, k, :len(tids[k])] = tids[k]
+            out["target_mask"][i, k, :len(tids[k])] = True
+    return out
+
+
 def pair_batch(pairs: Sequence[Pair], rows: Sequence[Sequence[int]], *, batch_size: int, grad_accum: int = 1,
-               multiple: int = 1, max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """One DPO optimizer step: rows of one pair each; chosen and rejected on an axis of size 2."""
+               multiple: int = 1, max_length: int, pad_id: int = 0, shared_prompt: bool = False) -> dict[str, np.ndarray]:
+    """One DPO optimizer step: rows of one pair each.
+
+    Default: chosen and rejected as two sequences on an axis of size 2 (`ids` [A, b, 2, T]). shared_prompt:
+    one row prompt + chosen + rejected (`ids` [A, b, T], plus `branch` ids; see
+    `decoder.attention_mask`), so the prompt is computed once per pair; the scored targets stay
+    [A, b, 2, R]. Both give the same log-probs.
+    """
     idx = [row[0] for row in rows]
-    layout = [_row_layout([(pairs[i].prompt, resp)]) for i in idx for resp in (pairs[i].chosen, pairs[i].rejected)]
-    T = bucket(max(len(l[0]) for l in layout), max_length)
-    R = bucket(max(len(l[4]) for l in layout), T)
-    flat = _fill(layout, T, R, pad_id, packed=False)
-    arrays = {k: v.reshape((len(idx), 2) + v.shape[1:]) for k, v in flat.items()}
+    if shared_prompt:
+        arrays = _shared_prompt_batch(pairs, idx, max_length, pad_id)
+    else:
+        layout = [_row_layout([(pairs[i].prompt, resp)]) for i in idx for resp in (pairs[i].chosen, pairs[i].rejected)]
+        T = bucket(max(len(l[0]) for l in layout), max_length)
+        R = bucket(max(len(l[4]) for l in layout), T)
+        flat = _fill(layout, T, R, pad_id, packed=False)
+        arrays = {k: v.reshape((len(idx), 2) + v.shape[1:]) for k, v in flat.items()}
     arrays["weight"] = np.ones(len(idx), np.float32)
     refs = [pairs[i].ref_logps for i in idx]
     arrays["ref_logps"] = np.asarray([r if r is not None else (0.0, 0.0) for r in refs], np.float32).reshape(len(idx), 2)

@@ -205,13 +205,16 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
            # FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`.
            "gathered_weights": b * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t}
     rows = {}
-    for stage, seqs in (("sft", 1), ("dpo", 2)):  # a DPO row is a pair: chosen and rejected
+    for stage in ("sft", "dpo"):
         sec = getattr(run_cfg, stage)
         per = -(-(sec.batch_size // sec.grad_accum) // dp) * dp  # rounded up to the data-parallel size (data._microbatches)
+        # A DPO pair is one row of prompt + chosen + rejected (dpo.shared_prompt; at most 2 x max_length
+        # tokens, since each response fits max_length with the prompt) or two rows of max_length.
+        seqs, T = ((1, 2 * sec.max_length) if sec.shared_prompt else (2, sec.max_length)) if stage == "dpo" else (1, sec.max_length)
         rows[stage] = seqs * per // dp
-        out[f"{stage}_activations"] = _activation_bytes(m, run_cfg.model.remat, rows[stage], sec.max_length, b, t)
+        out[f"{stage}_activations"] = _activation_bytes(m, run_cfg.model.remat, rows[stage], T, b, t)
         # float32 logits [B,T,V] and their gradient (an upper bound: train scores response positions only).
-        out[f"{stage}_logits"] = 2 * rows[stage] * sec.max_length * m.vocab_size * 4 // t
+        out[f"{stage}_logits"] = 2 * rows[stage] * T * m.vocab_size * 4 // t
     s = run_cfg.sample
     new = max(s.max_new_tokens, run_cfg.judge.max_new_tokens, run_cfg.prompts.max_new_tokens)
     # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
@@ -243,9 +246,9 @@ def format_plan(p: dict, source: str) -> str:
             ("gradients (float32 accumulation)", bt["gradients"]),
             ("DPO reference params (dpo.reference=on_the_fly)", bt["reference"]),
             ("all-gathered weights (2 layers + vocab matrix)", bt["gathered_weights"]),
-            (f"SFT activations ({r['sft']} seq/device, remat={p['remat']})", bt["sft_activations"]),
+            (f"SFT activations ({r['sft']} rows/device, remat={p['remat']})", bt["sft_activations"]),
             ("SFT logits + grad [B,T,V] float32", bt["sft_logits"]),
-            (f"DPO activations ({r['dpo']} seq/device, remat={p['remat']})", bt["dpo_activations"]),
+            (f"DPO activations ({r['dpo']} rows/device, remat={p['remat']})", bt["dpo_activations"]),
             ("DPO logits + grad [B,T,V] float32", bt["dpo_logits"]),
             (f"KV cache ({r['sample']} rows/device x {p['kv_slots']} slots)", bt["kv_cache"]),
             ("sampling logits [B,V] float32", bt["sample_logits"])]

@@ -303,7 +303,8 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
 
         def reference_fn(pol, prs, c):
             # The DPO trainer's own tokenisation and truncation, so the stored values are what it would compute.
-            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong)
+            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong,
+                                   shared_prompt=c.dpo.shared_prompt)
     unusable = 0
     if pairs:
         ref_c, ref_r = reference_fn(policy, pairs, cfg)

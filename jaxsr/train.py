@@ -134,18 +134,24 @@ def layer_unroll(cfg: ModelConfig, remat: str = "none") -> int | bool:
 
 def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_rate: float = 0.0, remat: str = "none",
                  mesh=None, unroll: int | bool = 1):
-    """Summed log-probs of each row's target (response) tokens and their count: ([N] float32, [N] int32).
+    """Summed log-probs of each row's target (response) tokens and their count: ([N, ...] float32, [N, ...] int32).
 
-    Logits are computed only at the R scored positions: the hidden states are gathered first, so the
-    [N, R, V] log-softmax is the only vocabulary-sized tensor.
+    The targets are `target_pos`/`target_ids`/`target_mask` [N, R], or [N, k, R] for k responses per row
+    (a shared-prompt DPO row with `branch` ids: k = 2). Logits are computed only at the scored positions:
+    the hidden states are gathered first, so the [N, k*R, V] log-softmax is the only vocabulary-sized tensor.
     """
     h_NxTxD, _ = decoder.hidden_states(
         params, cfg, rows["ids"], rows["positions"], rows["mask"], segment_ids_BxT=rows.get("segment_ids"),
-        dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0, rng=rng, remat=remat, mesh=mesh,
-        unroll=unroll)
-    h_NxRxD = jnp.take_along_axis(h_NxTxD, rows["target_pos"][..., None], axis=1)
+        branch_ids_BxT=rows.get("branch"), dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0,
+        rng=rng, remat=remat, mesh=mesh, unroll=unroll)
+    pos = rows["target_pos"]
+    N, lead = pos.shape[0], pos.shape[:-1]
+    h_NxRxD = jnp.take_along_axis(h_NxTxD, pos.reshape(N, -1)[..., None], axis=1)
     logits_NxRxV = decoder.lm_head(params, cfg, h_NxRxD, dtype)
-    return sequence_logps(logits_NxRxV, rows["target_ids"], rows["target_mask"])
+    R = pos.shape[-1]
+    logps, ntok = sequence_logps(logits_NxRxV.reshape(-1, R, logits_NxRxV.shape[-1]), rows["target_ids"].reshape(-1, R),
+                                 rows["target_mask"].reshape(-1, R))
+    return logps.reshape(lead), ntok.reshape(lead)
 
 
 def sft_loss(params, mb: Batch, rng, denom, ref_params, *, fwd):
@@ -158,12 +164,15 @@ def sft_loss(params, mb: Batch, rng, denom, ref_params, *, fwd):
 def dpo_loss(params, mb: Batch, rng, denom, ref_params, *, fwd, beta, loss_type, label_smoothing, rpo_alpha):
     """Preference loss of a micro-batch's pairs, summed and divided by `denom` (the real pairs of the step).
 
-    Chosen and rejected rows go through one forward pass ([b, 2, T] viewed as [2b, T]); the reference
+    Chosen and rejected go through one forward pass: as rows of their own ([b, 2, T] viewed as [2b, T]) or,
+    with `branch` ids, side by side after their shared prompt in one row per pair ([b, T]). The reference
     log-probs come with the batch (precomputed with M_t) or from `ref_params` (on the fly, no gradient).
     """
     w_B = mb["weight"]
     B = w_B.shape[0]
-    rows = {k: v.reshape((2 * B,) + v.shape[2:]) for k, v in mb.items() if k not in ("weight", "ref_logps")}
+    rows = {k: v for k, v in mb.items() if k not in ("weight", "ref_logps")}
+    if "branch" not in mb:
+        rows = {k: v.reshape((2 * B,) + v.shape[2:]) for k, v in rows.items()}
     logps_N, ntok_N = fwd(params, rows, rng)
     logps_Bx2, ntok_Bx2 = logps_N.reshape(B, 2), ntok_N.reshape(B, 2)
     if ref_params is None:
@@ -272,7 +281,8 @@ def make_step_fns(kind: str, cfg: ModelConfig, mesh, section: TrainSection, tx, 
 
 
 # Settings that only shape the data or the checkpoints; every other TrainSection field changes the compiled step.
-_NOT_IN_STEP = ("epochs", "max_steps", "max_length", "overlong", "checkpoint_every", "keep_checkpoints", "seed", "packing")
+_NOT_IN_STEP = ("epochs", "max_steps", "max_length", "overlong", "checkpoint_every", "keep_checkpoints", "seed", "packing",
+                "shared_prompt")
 
 
 def _step_key(section: TrainSection) -> tuple:
@@ -307,6 +317,8 @@ def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
     fwd = functools.partial(target_logps, cfg=cfg, dtype=DTYPES[dtype], mesh=mesh, unroll=layer_unroll(cfg))
 
     def logps(params, rows):
+        if "branch" in rows:  # one row per pair: [b, 2] log-probs
+            return fwd(params, rows, None)[0]
         b = rows["ids"].shape[0]
         flat = {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in rows.items()}
         return fwd(params, flat, None)[0].reshape(b, 2)
@@ -317,24 +329,25 @@ def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
 
 
 def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 1024, overlong: str = "truncate",
-                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int = 16, shared_prompt: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probs of each pair's chosen and rejected response under `policy` (pi_ref = M_t).
 
     Computed once per iteration and stored with the pairs as `ref_chosen_logps` / `ref_rejected_logps`, so
-    DPO holds one model. Tokenisation and truncation are the trainer's (use the same max_length/overlong).
+    DPO holds one model. Tokenisation, truncation and row layout are the trainer's (use the same
+    max_length/overlong/shared_prompt: the other layout gives the same numbers up to float rounding).
     Returns two float32 arrays aligned with `pairs`; NaN where the trainer would skip the pair.
     """
     toks, _ = data_lib.tokenize_pairs(policy.tokenizer, pairs, max_length=max_length, overlong=overlong,
                                       where="reference log-probs")
     fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
     m = batch_multiple(policy.mesh)
-    keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask")
+    keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask") + (("branch",) if shared_prompt else ())
     out = np.full((len(pairs), 2), np.nan, np.float32)
     order = sorted(range(len(toks)), key=lambda i: toks[i].length)  # similar lengths share a bucket
     for start in range(0, len(order), batch_size):
         rows = [[i] for i in order[start:start + batch_size]]
         b = data_lib.pair_batch(toks, rows, batch_size=batch_size, multiple=m, max_length=max_length,
-                                pad_id=policy.pad_token_id)
+                                pad_id=policy.pad_token_id, shared_prompt=shared_prompt)
         host = {k: b[k][0] for k in keys}
         dev = {k: distributed.global_array(v, NamedSharding(policy.mesh, P(BATCH))) for k, v in host.items()}
         logps = distributed.to_host(fn(policy.params, dev))  # replicated: every process holds all of it
@@ -518,7 +531,8 @@ def train_dpo(policy: Policy, pairs, section: TrainSection, work_dir, *, mesh=No
     items, _ = data_lib.tokenize_pairs(policy.tokenizer, list(pairs), max_length=section.max_length,
                                        overlong=section.overlong, need_ref=precomputed)
     make = functools.partial(data_lib.pair_batch, items, batch_size=section.batch_size, grad_accum=section.grad_accum,
-                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id)
+                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id,
+                             shared_prompt=section.shared_prompt)
     if not precomputed:
         make = _without_ref(make)
     ref_params = None
@@ -567,7 +581,7 @@ def _with_reference(policy: Policy, records: list[dict], section: TrainSection, 
     else:
         log.info("%s has no reference log-probs: computing them once with M_t", source)
         chosen, rejected = reference_logps(policy, records, max_length=section.max_length, overlong=section.overlong,
-                                           batch_size=section.batch_size)
+                                           batch_size=section.batch_size, shared_prompt=section.shared_prompt)
         if distributed.is_primary():
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / "reference_logps.tmp.npz"

@@ -155,6 +155,34 @@ def test_no_chat_template_is_an_error(tok):
 def test_buckets_are_powers_of_two_capped_at_max_length():
     assert [data.bucket(n, 100) for n in (1, 16, 17, 33, 64, 65, 99, 100)] == [16, 16, 32, 64, 64, 100, 100, 100]
     assert data.bucket(5, 8) == 8 and data.bucket(40, 1024) == 64
+    fine = [data.bucket(n, 1000, fine=True) for n in (1, 16, 17, 24, 25, 33, 48, 49, 65, 96, 97, 192, 193, 999)]
+    assert fine == [16, 16, 24, 24, 32, 48, 48, 64, 96, 96, 128, 192, 256, 1000]
+
+
+def test_shared_prompt_rows_hold_prompt_chosen_rejected(tok):
+    recs = [{"prompt": f"question {i}", "chosen": "yes " * (i + 1), "rejected": "no " * (3 - i), "ref_chosen_logps": -1.0,
+             "ref_rejected_logps": -2.0} for i in range(3)]
+    pairs, _ = data.tokenize_pairs(tok, recs, max_length=64, need_ref=True)
+    b = data.pair_batch(pairs, [[0], [1], [2]], batch_size=4, multiple=4, max_length=64, shared_prompt=True)
+    assert b["ids"].ndim == 3 and b["target_pos"].shape[:3] == (1, 4, 2)
+    for i, p in enumerate(pairs):
+        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
+        n = P + C + R
+        ids, pos, branch = b["ids"][0, i], b["positions"][0, i], b["branch"][0, i]
+        np.testing.assert_array_equal(ids[:n], np.concatenate([p.prompt, p.chosen, p.rejected]))
+        np.testing.assert_array_equal(pos[:n], np.concatenate([np.arange(P + C), np.arange(P, P + R)]))
+        np.testing.assert_array_equal(branch[:n], [0] * P + [1] * C + [2] * R)
+        assert b["mask"][0, i].sum() == n
+        for k, resp in enumerate((p.chosen, p.rejected)):
+            tpos = b["target_pos"][0, i, k][b["target_mask"][0, i, k]]
+            np.testing.assert_array_equal(b["target_ids"][0, i, k][:len(resp)], resp)
+            # Token j of a response is predicted at the slot holding its predecessor in that sequence: the
+            # last prompt token for j = 0, else the same branch's token j - 1.
+            assert tpos[0] == P - 1
+            np.testing.assert_array_equal(ids[tpos[1:]], resp[:-1])
+            assert (branch[tpos[1:]] == k + 1).all()
+    assert not b["mask"][0, 3].any() and b["weight"][0].tolist() == [1, 1, 1, 0]
+    assert data.num_tokens(b) == sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
 def test_order_is_a_function_of_seed_and_epoch():

@@ -89,21 +89,23 @@ def naive_dpo_loss(params, cfg, pairs, *, loss_type, beta, label_smoothing, rpo_
 
 
 @functools.lru_cache(maxsize=None)
-def step_grads(case: str, grad_accum: int):
+def step_grads(case: str, grad_accum: int, shared_prompt: bool = True):
     """Gradient and metrics of the trainer's DPO step on GRAD_PAIRS (batch 4: one padding row), one device."""
     pol = jaxsr.load_policy(LLAMA3, mesh=one_device())
     pairs, _ = data.tokenize_pairs(pol.tokenizer, GRAD_PAIRS, max_length=64, need_ref=True)
     section = TrainSection(batch_size=4, grad_accum=grad_accum, dropout=0.0, max_length=64, **GRAD_CASES[case])
     tx, schedule = train.make_optimizer(section, 10)
     _, grads_fn, _ = train.make_step_fns("dpo", pol.config, pol.mesh, section, tx, schedule)
-    batch = data.pair_batch(pairs, [[0], [1], [2]], batch_size=4, grad_accum=grad_accum, max_length=64)
+    batch = data.pair_batch(pairs, [[0], [1], [2]], batch_size=4, grad_accum=grad_accum, max_length=64,
+                            shared_prompt=shared_prompt)
     grads, metrics = jax.jit(grads_fn)(pol.params, batch, None, None)
     return pol, pairs, grads, metrics
 
 
-@pytest.mark.parametrize("case", sorted(GRAD_CASES))
-def test_dpo_step_gradient_equals_naive_unbatched_gradient(case):
-    pol, pairs, grads, metrics = step_grads(case, 2)
+# Both batch layouts: one row per pair (prompt + chosen + rejected, the default) and two rows per pair.
+@pytest.mark.parametrize("case, shared_prompt", [("sigmoid", True), ("ipo", True), ("sigmoid", False), ("ipo", False)])
+def test_dpo_step_gradient_equals_naive_unbatched_gradient(case, shared_prompt):
+    pol, pairs, grads, metrics = step_grads(case, 2, shared_prompt)
     naive = functools.partial(naive_dpo_loss, cfg=pol.config, pairs=pairs, **GRAD_CASES[case])
     want_loss, want = jax.value_and_grad(naive)(pol.params)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
@@ -134,8 +136,11 @@ def test_dpo_step_gradient_matches_finite_differences():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    _, _, g2, m2 = step_grads("sigmoid", 2)
-    _, _, g1, m1 = step_grads("sigmoid", 1)
+    # Two rows per pair: with one row per pair the micro-batches' matmuls round differently enough to exceed
+    # this bound on a few wk entries (1.6e-6 of the largest); in float64 all four layout x accumulation
+    # combinations agree to 3e-15. The one-row layout's accumulated gradient is checked against the naive one above.
+    _, _, g2, m2 = step_grads("sigmoid", 2, False)
+    _, _, g1, m1 = step_grads("sigmoid", 1, False)
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(np.asarray(b)).max())
     for k in m1:
@@ -153,6 +158,30 @@ def test_dpo_metrics_equal_losses_dpo_objective():
     assert set(want) <= set(metrics)
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_shared_prompt_rows_give_each_response_its_own_sequence_log_prob():
+    """One row prompt + chosen + rejected scores each response as if it followed the prompt alone: the rejected
+    response never sees the chosen one, and (mistral: sliding window 5) the window counts positions, not slots."""
+    pol = jaxsr.load_policy(LLAMA3.parent / "mistral", mesh=one_device())
+    assert pol.config.sliding_window == 5
+    recs = [{"prompt": "Say yes and then say no please", "chosen": "yes yes yes no no", "rejected": "no",
+             "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0},
+            {"prompt": "Say ok", "chosen": "ok", "rejected": "fine, ok, sure, yes, alright then",
+             "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}]
+    pairs, _ = data.tokenize_pairs(pol.tokenizer, recs, max_length=64, need_ref=True)
+    fwd = jax.jit(functools.partial(train.target_logps, rng=None, cfg=pol.config, dtype=jnp.float32))
+    got = {}
+    for shared in (True, False):
+        b = data.pair_batch(pairs, [[0], [1]], batch_size=2, max_length=64, shared_prompt=shared)
+        rows = {k: v[0] for k, v in b.items() if k not in ("weight", "ref_logps")}
+        if not shared:
+            rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in rows.items()}
+        got[shared] = np.asarray(fwd(pol.params, rows)[0]).reshape(2, 2)
+    want = np.array([[float(naive_seq_logp(pol.params, pol.config, p.prompt, r)) for r in (p.chosen, p.rejected)]
+                     for p in pairs])
+    np.testing.assert_allclose(got[True], want, rtol=1e-5)
+    np.testing.assert_allclose(got[False], want, rtol=1e-5)
 
 
 # --- SFT loss and packing -----------------------------------------------------------------------------------
@@ -204,7 +233,9 @@ def test_sharded_step_equals_single_device_step(llama3, policy1):
     pairs, _ = data.tokenize_pairs(policy1.tokenizer, recs, max_length=64, need_ref=True)
     # Dropout on: the random bits must not depend on how the batch is split (partitionable threefry).
     section = TrainSection(lr=1e-3, batch_size=8, grad_accum=2, dropout=0.1, max_length=64, weight_decay=0.01)
-    batch = data.pair_batch(pairs, [[i] for i in range(8)], batch_size=8, grad_accum=2, multiple=4, max_length=64)
+    batch = data.pair_batch(pairs, [[i] for i in range(8)], batch_size=8, grad_accum=2, multiple=4, max_length=64,
+                            shared_prompt=section.shared_prompt)
+    assert batch["branch"].shape == batch["ids"].shape  # the trainer's default layout: one row per pair
     s8, m8 = one_step(sharded, section, batch)
     s1, m1 = one_step(policy1, section, batch)
     wq = s8["params"]["layers"]["wq"]

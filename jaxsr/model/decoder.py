@@ -192,19 +192,28 @@ def _dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_ids_BxT=None):
+def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_ids_BxT=None, branch_ids_BxT=None,
+                   positions_BxT=None):
     """Boolean [B, 1, T, S]: causal over slot indices, real keys only, optional sliding window.
 
     `segment_ids_BxT` (packed rows, no cache, so T == S): a query sees only keys of its own segment.
+    `branch_ids_BxT` (a shared prefix, no cache): tokens of branch 0 are a prefix every later token sees;
+    a token of branch k > 0 sees the prefix and the earlier tokens of branch k, never another branch; the
+    sliding window then counts positions (`positions_BxT`), not slots, since a later branch sits further
+    from the prefix in the row than in its own sequence.
     """
     S = kv_valid_BxS.shape[1]
     k_index_S = jnp.arange(S)
     allowed_TxS = k_index_S[None, :] <= q_index_T[:, None]
-    if sliding_window is not None:
+    if sliding_window is not None and branch_ids_BxT is None:
         allowed_TxS &= q_index_T[:, None] - k_index_S[None, :] < sliding_window
     mask_BxTxS = allowed_TxS[None] & kv_valid_BxS[:, None, :]
     if segment_ids_BxT is not None:
         mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    if branch_ids_BxT is not None:
+        if sliding_window is not None:
+            mask_BxTxS &= positions_BxT[:, :, None] - positions_BxT[:, None, :] < sliding_window
+        mask_BxTxS &= (branch_ids_BxT[:, None, :] == 0) | (branch_ids_BxT[:, :, None] == branch_ids_BxT[:, None, :])
     return mask_BxTxS[:, None]
 
 
@@ -294,17 +303,21 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
 
 def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_valid_BxS, *, cache: KVCache | None = None,
                   cache_index=0, dtype=jnp.float32, dropout_rate: float = 0.0, rng=None, remat: str = "none",
-                  mesh=None, unroll: int | bool = 1, segment_ids_BxT=None):
+                  mesh=None, unroll: int | bool = 1, segment_ids_BxT=None, branch_ids_BxT=None):
     """Final-norm hidden states [B, T, D] (and the updated cache).
 
     Without a cache, keys are this chunk and `kv_valid_BxS` is its padding mask (S = T). With a cache, the
     chunk is written at slots [cache_index, cache_index + T) and `kv_valid_BxS` marks the valid slots
     after the write. `segment_ids_BxT` (packed rows, no cache) keeps attention inside each sequence; the
-    caller passes per-sequence `positions_BxT` (see `positions_from_segments`).
+    caller passes per-sequence `positions_BxT` (see `positions_from_segments`). `branch_ids_BxT` (no cache)
+    lays several continuations of one shared prefix side by side in a row: see `attention_mask`; each
+    branch's positions continue from the prefix's.
     """
     T = ids_BxT.shape[1]
-    if segment_ids_BxT is not None and cache is not None:
-        raise ValueError("segment_ids_BxT (packed sequences) cannot be combined with a KV cache")
+    for name, ids in (("segment_ids_BxT (packed sequences)", segment_ids_BxT),
+                      ("branch_ids_BxT (a shared prefix)", branch_ids_BxT)):
+        if ids is not None and cache is not None:
+            raise ValueError(f"{name} cannot be combined with a KV cache")
     embed_VxD = params["embed"]
     if mesh is not None:
         # All-gather the FSDP dim before the lookup: a gather whose table and output both use `fsdp` makes
@@ -314,7 +327,8 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     act = activation_dtype(dtype, mesh)
     x = embed_VxD[ids_BxT].astype(act)
     cos, sin = rope_cos_sin(cfg, positions_BxT, act)
-    mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window, segment_ids_BxT)
+    mask = attention_mask(cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window, segment_ids_BxT,
+                          branch_ids_BxT, positions_BxT)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
     if cache is not None:
