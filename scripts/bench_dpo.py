@@ -4,12 +4,15 @@ One process, one CPU device for JAX (no fake devices), PyTorch with its default 
 alternating blocks so that both see the same machine load, and each side reports its median step time. Workload: 8 pairs per
 step, 64-token prompts, 64-token chosen and rejected responses, sigmoid loss with beta 0.1 and precomputed
 reference log-probs, AdamW with global-norm clipping 1.0, no dropout, float32 parameters and optimizer state, the forward
-and backward in float32 and again in bfloat16 (torch: autocast; jaxsr: compute_dtype), one JSON line each. The PyTorch side is the DPO step
-of TRL's DPOTrainer written out plainly (TRL itself is not needed): one concatenated forward of chosen and
-rejected, summed response log-probs, the sigmoid loss, backward, clipping, AdamW.
+and backward in float32 (--dtype bfloat16 adds a mixed-precision run: torch autocast, jaxsr compute_dtype). The
+PyTorch side is the DPO step of TRL's DPOTrainer written out plainly (TRL itself is not needed): one concatenated
+forward of chosen and rejected, summed response log-probs, the sigmoid loss, backward, clipping, AdamW. The jaxsr
+side is its trainer's step as `jaxsr dpo` runs it: batches laid out by dpo.shared_prompt (the default: one row
+per pair, the prompt computed once) and the host allocator tuned as the jaxsr command tunes it
+(jaxsr.hostmem; the same process, so torch runs under the same allocator settings).
 
-  python scripts/bench_dpo.py                      # both configs, one JSON line each at the end
-  python scripts/bench_dpo.py --config llama-1.5M --steps 20
+  python scripts/bench_dpo.py                      # both configs, float32, one JSON line each at the end
+  python scripts/bench_dpo.py --config llama-1.5M --steps 20 --dtype float32 --dtype bfloat16
 
 Needs torch (not a jaxsr dependency): run it from a venv that has both, e.g.
   python3 -m venv /work/benchenv2 && /work/benchenv2/bin/pip install torch==2.13.0 && /work/benchenv2/bin/pip install -e .
@@ -96,8 +99,10 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
     step_fn, _, shardings = train.make_step_fns("dpo", policy.config, mesh, section, tx, schedule,
                                                 dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), tx), out_shardings=shardings)(policy.params)
-    host = data.pair_batch(pairs, [[i] for i in range(PAIRS)], batch_size=PAIRS, max_length=PROMPT + RESPONSE)
-    assert host["ids"].shape == (1, PAIRS, 2, PROMPT + RESPONSE), host["ids"].shape
+    # The trainer's batches (dpo.shared_prompt, the default): one row per pair, prompt + chosen + rejected.
+    host = data.pair_batch(pairs, [[i] for i in range(PAIRS)], batch_size=PAIRS, max_length=PROMPT + RESPONSE,
+                           shared_prompt=section.shared_prompt)
+    assert host["ids"].shape == (1, PAIRS, PROMPT + 2 * RESPONSE), host["ids"].shape
     rng = jax.random.key(0)
     holder = {"state": state}
 
@@ -149,12 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 for 1.5M, 6 for 30M)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
-                    help="compute dtype of both sides (default: both, float32 first); parameters and optimizer "
-                         "state stay float32")
+                    help="compute dtype of both sides, repeatable (default: float32, one JSON line per config); "
+                         "parameters and optimizer state stay float32")
     ap.add_argument("--threads", type=int, default=0,
                     help="pin the process to this many cores and give torch as many threads (default: all, torch's "
                          "default); --threads 1 compares per-core speed, which a busy machine distorts least")
     args = ap.parse_args(argv)
+    from jaxsr.hostmem import tune_allocator
+
+    tune_allocator()  # as the jaxsr command does, before JAX starts its threads: for both sides of the comparison
     if args.threads:
         # Before JAX starts: XLA sizes its thread pool from the CPUs this process may run on.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     lines = []
     for name in args.config or list(CONFIGS):
         steps = args.steps or (20 if name == "llama-1.5M" else 6)
-        for dtype in args.dtype or ["float32", "bfloat16"]:
+        for dtype in args.dtype or ["float32"]:
             with tempfile.TemporaryDirectory() as d:
                 model = make_model(name, d)
                 pairs = make_pairs(CONFIGS[name]["vocab_size"])
