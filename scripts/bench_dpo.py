@@ -162,7 +162,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from jaxsr.hostmem import tune_allocator
 
-    tune_allocator()  # as the jaxsr command does, before JAX starts its threads: for both sides of the comparison
+    # As the jaxsr command does, before JAX starts its threads; it applies to both sides of the comparison. It
+    # speeds up torch's float32 step as well, but slows its bfloat16 autocast step (one malloc arena for all
+    # threads): compare bfloat16 with JAXSR_MALLOC_TUNING=0 (docs/benchmarks.md).
+    tuned = tune_allocator()
     if args.threads:
         # Before JAX starts: XLA sizes its thread pool from the CPUs this process may run on.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
                 jax_ps, torch_ps = PAIRS / sec["jaxsr"], PAIRS / sec["torch"]
             line = {"model": name, "dtype": dtype, "jaxsr_pairs_per_s": round(jax_ps, 2),
                     "torch_pairs_per_s": round(torch_ps, 2), "speedup": round(jax_ps / torch_ps, 2),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)} | ({"threads": args.threads} if args.threads else {})
+                    "load_avg_1m": round(os.getloadavg()[0], 2), "malloc_tuned": tuned} | ({"threads": args.threads} if args.threads else {})
             print(f"{name} {dtype}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s (torch "
                   f"{torch.__version__}, {torch.get_num_threads()} threads)", file=sys.stderr)
             lines.append(line)
