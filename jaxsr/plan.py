@@ -208,9 +208,11 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     for stage in ("sft", "dpo"):
         sec = getattr(run_cfg, stage)
         per = -(-(sec.batch_size // sec.grad_accum) // dp) * dp  # rounded up to the data-parallel size (data._microbatches)
-        # A DPO pair is one row of prompt + chosen + rejected (dpo.shared_prompt; at most 2 x max_length
-        # tokens, since each response fits max_length with the prompt) or two rows of max_length.
-        seqs, T = ((1, 2 * sec.max_length) if sec.shared_prompt else (2, sec.max_length)) if stage == "dpo" else (1, sec.max_length)
+        seqs, T = 1, sec.max_length
+        if stage == "dpo":
+            # A pair is one row of prompt + chosen + rejected (dpo.shared_prompt; at most 2 x max_length tokens,
+            # since each response fits max_length with the prompt) or two rows of max_length.
+            seqs, T = (1, 2 * T) if sec.shared_prompt else (2, T)
         rows[stage] = seqs * per // dp
         out[f"{stage}_activations"] = _activation_bytes(m, run_cfg.model.remat, rows[stage], T, b, t)
         # float32 logits [B,T,V] and their gradient (an upper bound: train scores response positions only).

@@ -154,6 +154,16 @@ def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_r
     return logps.reshape(lead), ntok.reshape(lead)
 
 
+def pair_logps(fwd, params, rows: Batch, rng):
+    """[b, 2] summed log-probs and token counts of each pair's chosen and rejected response, from either batch
+    layout: one row per pair with `branch` ids ([b, T]), or two rows per pair ([b, 2, T], run as [2b, T])."""
+    if "branch" in rows:
+        return fwd(params, rows, rng)
+    b = rows["ids"].shape[0]
+    logps, ntok = fwd(params, {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in rows.items()}, rng)
+    return logps.reshape(b, 2), ntok.reshape(b, 2)
+
+
 def sft_loss(params, mb: Batch, rng, denom, ref_params, *, fwd):
     """Summed response NLL of a micro-batch / `denom` (the response tokens of the whole step)."""
     logps_N, _ = fwd(params, mb, rng)
@@ -169,16 +179,12 @@ def dpo_loss(params, mb: Batch, rng, denom, ref_params, *, fwd, beta, loss_type,
     log-probs come with the batch (precomputed with M_t) or from `ref_params` (on the fly, no gradient).
     """
     w_B = mb["weight"]
-    B = w_B.shape[0]
     rows = {k: v for k, v in mb.items() if k not in ("weight", "ref_logps")}
-    if "branch" not in mb:
-        rows = {k: v.reshape((2 * B,) + v.shape[2:]) for k, v in rows.items()}
-    logps_N, ntok_N = fwd(params, rows, rng)
-    logps_Bx2, ntok_Bx2 = logps_N.reshape(B, 2), ntok_N.reshape(B, 2)
+    logps_Bx2, ntok_Bx2 = pair_logps(fwd, params, rows, rng)
     if ref_params is None:
         ref_Bx2 = mb["ref_logps"]
     else:
-        ref_Bx2 = jax.lax.stop_gradient(fwd(ref_params, rows, None)[0].reshape(B, 2))
+        ref_Bx2 = jax.lax.stop_gradient(pair_logps(fwd, ref_params, rows, None)[0])
     pol_Bx2 = logps_Bx2
     if loss_type == "ipo":
         # TRL's IPO uses token-averaged log-probs, for the policy and the reference alike.
@@ -317,11 +323,7 @@ def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
     fwd = functools.partial(target_logps, cfg=cfg, dtype=DTYPES[dtype], mesh=mesh, unroll=layer_unroll(cfg))
 
     def logps(params, rows):
-        if "branch" in rows:  # one row per pair: [b, 2] log-probs
-            return fwd(params, rows, None)[0]
-        b = rows["ids"].shape[0]
-        flat = {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in rows.items()}
-        return fwd(params, flat, None)[0].reshape(b, 2)
+        return pair_logps(fwd, params, rows, None)[0]
 
     # params keep their shardings; pair rows over data x fsdp; the [b, 2] result comes back replicated.
     return jax.jit(logps, in_shardings=(param_shardings(cfg, mesh, rules), NamedSharding(mesh, P(BATCH))),
