@@ -172,14 +172,18 @@ def _activation_bytes(m, remat: str, rows: int, T: int, b: int, t: int) -> int:
 
     Per token and layer, with tensor-parallel width t ([B,T,D] tensors are replicated over `tensor`):
       every = b*(8D + 3(H+K)E/t + 6F/t)      x, norms and their float32 parts, projections, residual; q, k, v,
-              + (5+b)*H*T/t                  roped q, k, attention output; gate, up, sigmoid, silu, product;
-                                             float32 logits, mask, probabilities of the [H,T,T] attention
+              + (5+b)*H*S/t                  roped q, k, attention output; gate, up, sigmoid, silu, product;
+                                             float32 logits, mask, probabilities of the attention: S keys
+                                             per query on average (causal blocks, decoder.query_blocks)
       saved = every (none) | b*(3D + (H+2K)E/t + 2F/t) (dots: layer input + weight-matmul outputs)
               | b*D (full: only the layer input)
     activations = rows*T*(L*saved + [every if remat != none: the layer recomputed in the backward pass]).
     """
+    from .model.decoder import query_blocks
+
     D, H, K, E, F, L = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size, m.num_layers
-    every = b * (8 * D + 3 * (H + K) * E // t + 6 * F // t) + (5 + b) * H * T // t
+    S = sum((j - i) * j for i, j in query_blocks(T)) // T
+    every = b * (8 * D + 3 * (H + K) * E // t + 6 * F // t) + (5 + b) * H * S // t
     saved = {"none": every, "dots": b * (3 * D + (H + 2 * K) * E // t + 2 * F // t), "full": b * D}[remat]
     return rows * T * (L * saved + (every if remat != "none" else 0))
 

@@ -171,6 +171,53 @@ def test_low_precision_matmul_gradients_match_a_float32_reference():
     np.testing.assert_array_equal(np.asarray(matmul(jnp.asarray(x), jnp.asarray(w))), np.asarray(jnp.dot(x, w)))
 
 
+@pytest.mark.parametrize("T", [100, 192])
+def test_causal_query_blocks_equal_naive_attention(T):
+    """Attention computed block by block over the queries (each block skips the keys after it) equals a naive
+    float64 softmax over every key that the mask allows, for padded rows, packed segments, and a shared
+    prefix with two branches under a sliding window; its gradient equals the full-square attention's."""
+    import jax.numpy as jnp
+
+    from jaxsr.model import decoder
+
+    blocks = decoder.query_blocks(T)
+    assert len(blocks) > 1 and blocks[0][0] == 0 and blocks[-1][1] == T
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    rng = np.random.default_rng(T)
+    B, H, K, E = 3, 4, 2, 8
+    q = rng.standard_normal((B, T, H, E)).astype(np.float32)
+    k = rng.standard_normal((B, K, E, T)).astype(np.float32)
+    v = rng.standard_normal((B, K, T, E)).astype(np.float32)
+    valid = np.ones((B, T), bool)
+    valid[1, T - 37:] = False  # a padded row
+    segments = np.repeat(np.arange(4), -(-T // 4))[None, :T].repeat(B, 0)
+    branch = np.zeros((B, T), np.int32)
+    branch[:, T // 3:2 * T // 3], branch[:, 2 * T // 3:] = 1, 2
+    positions = np.arange(T)[None].repeat(B, 0)
+    positions[:, 2 * T // 3:] -= 2 * T // 3 - T // 3  # the second branch continues from the prefix too
+    masks = {"padding": decoder.attention_mask(jnp.arange(T), valid, None),
+             "segments": decoder.attention_mask(jnp.arange(T), valid, None, segment_ids_BxT=segments),
+             "branches+window": decoder.attention_mask(jnp.arange(T), valid, 23, branch_ids_BxT=branch,
+                                                      positions_BxT=positions)}
+    for name, mask in masks.items():
+        m = np.asarray(mask)[:, 0]  # [B, T, S]
+        s = np.einsum("btkge,bkes->bkgts", q.reshape(B, T, K, H // K, E).astype(np.float64), k) * E ** -0.5
+        s = np.where(m[:, None, None], s, -np.inf)
+        with np.errstate(invalid="ignore"):  # rows without keys: NaN, left out below
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+        naive = np.einsum("bkgts,bkse->btkge", p, v).reshape(B, T, H, E)
+        real = m.any(-1)  # queries with at least one key (a padding query's output is unused)
+        out = decoder._gqa_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, E ** -0.5, causal_blocks=True)
+        np.testing.assert_allclose(np.asarray(out)[real], naive[real], rtol=1e-5, atol=1e-5, err_msg=name)
+        w = rng.standard_normal(q.shape).astype(np.float32) * real[..., None, None]
+        grads = [jax.grad(lambda q, k, v, c=c: (decoder._gqa_attention(q, k, v, mask, E ** -0.5, causal_blocks=c)
+                                                * w).sum(), argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k),
+                                                                                jnp.asarray(v)) for c in (True, False)]
+        for g_blocks, g_full in zip(*grads):
+            np.testing.assert_allclose(np.asarray(g_blocks), np.asarray(g_full), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_bfloat16_compute_on_cpu_keeps_float32_activations(fixtures_dir):
     """On CPU a bfloat16 forward casts only matmul operands (activations stay float32): its logits are close to
     the float32 ones, closer than bfloat16 rounding of every activation would allow."""

@@ -217,11 +217,39 @@ def attention_mask(q_index_T, kv_valid_BxS, sliding_window: int | None, segment_
     return mask_BxTxS[:, None]
 
 
-def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale):
+# Causal query blocks (see `query_blocks`): at most this many, of at least this many queries each.
+_MAX_QUERY_BLOCKS, _MIN_QUERY_BLOCK = 4, 48
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """Query blocks [i, j) of a T-token chunk attending to itself (keys = the same T slots).
+
+    Every mask `attention_mask` builds is causal over slots, so block [i, j) needs the keys [0, j) only:
+    with n blocks the scores shrink to (n + 1) / 2n of T x T (62.5% at 4), and so do the softmax's work and
+    the probabilities kept for the backward pass. The skipped scores are masked (their probability is
+    exactly 0), so the result is the same. On a 2-core CPU the gradient of attention at T = 192 takes ~0.7x
+    the time of the full square (docs/benchmarks.md); blocks below ~48 queries cost more in dispatch than
+    they save.
+    """
+    n = min(_MAX_QUERY_BLOCKS, max(1, T // _MIN_QUERY_BLOCK))
+    per_block = -(-T // n)
+    size = -(-per_block // 8) * 8
+    return [(i, min(T, i + size)) for i in range(0, T, size)]
+
+
+def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale, *, causal_blocks: bool = False):
     """Grouped-query attention over keys [B, K, E, S] and values [B, K, S, E] (a KVCache layer's layout, or
-    this chunk's keys and values transposed to it); scores and softmax in float32."""
+    this chunk's keys and values transposed to it); scores and softmax in float32.
+
+    `causal_blocks` (keys = these T queries' own slots, S == T): attend block by block (`query_blocks`),
+    skipping the keys after each block.
+    """
     B, T, H, E = q_BxTxHxE.shape
     K = k_BxKxExS.shape[1]
+    if causal_blocks and len(blocks := query_blocks(T)) > 1:
+        assert k_BxKxExS.shape[3] == T, (k_BxKxExS.shape, T)
+        return jnp.concatenate([_gqa_attention(q_BxTxHxE[:, i:j], k_BxKxExS[..., :j], v_BxKxSxE[:, :, :j],
+                                               mask_Bx1xTxS[:, :, i:j, :j], scale) for i, j in blocks], axis=1)
     if T == 1:
         # A decode step. Without the unit T axis in the contractions XLA:CPU keeps the probabilities
         # [B, K, G, S] and p.v a plain batched matmul; with it, it transposes them and runs p.v ~6x slower.
@@ -264,7 +292,8 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         new_cache = None
         # The same grouped-query attention as the cache path, keys laid out [B, K, E, S]: on CPU its
         # gradient is ~40% faster than jax.nn.dot_product_attention's (which transposes scores and probabilities).
-        attn = _gqa_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, cfg.head_dim ** -0.5)
+        attn = _gqa_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, cfg.head_dim ** -0.5,
+                              causal_blocks=True)
     else:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), cache_index, axis=3)
@@ -273,7 +302,7 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         if isinstance(cache_index, int) and cache_index == 0:
             # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
             attn = _gqa_attention(q, ck[..., :T].astype(act), cv[:, :, :T].astype(act), mask[..., :T],
-                                     cfg.head_dim ** -0.5)
+                                  cfg.head_dim ** -0.5, causal_blocks=True)
         else:
             attn = _gqa_attention(q, ck.astype(act), cv.astype(act), mask, cfg.head_dim ** -0.5)
     # One contracting dim (h*e): with two, XLA:CPU may pick (e, h) order and transpose wo to match, which inside
