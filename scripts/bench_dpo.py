@@ -1,8 +1,9 @@
 """DPO train-step throughput: jaxsr against PyTorch on the same Hugging Face model, batch and lengths.
 
 One process, one CPU device for JAX (no fake devices), PyTorch with its default threads; the two steps run in
-alternating blocks so that both see the same machine load, and each side reports its median step time. Workload: 8 pairs per
-step, 64-token prompts, 64-token chosen and rejected responses, sigmoid loss with beta 0.1 and precomputed
+alternating blocks so that both see the same machine load; each side reports its median step time and the speedup
+is the median of the rounds' paired ratios (with their range). Workload: 8 pairs per step, 64-token prompts,
+64-token chosen and rejected responses, sigmoid loss with beta 0.1 and precomputed
 reference log-probs, AdamW with global-norm clipping 1.0, no dropout, float32 parameters and optimizer state, the forward
 and backward in float32 (--dtype bfloat16 adds a mixed-precision run: torch autocast, jaxsr compute_dtype). The
 PyTorch side is the DPO step of TRL's DPOTrainer written out plainly (TRL itself is not needed): one concatenated
@@ -61,24 +62,33 @@ def make_pairs(vocab: int):
     return pairs
 
 
-def alternating(steps: dict, n: int, warmup: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per call of each step, measured in alternating blocks so both see the same machine load.
+def alternating(steps: dict, n: int, warmup: int, rounds: int = 8) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Median seconds per call of each step, over all calls and per round, measured in alternating blocks.
 
-    Blocks rather than single steps, with a pause between them: XLA's and OpenMP's worker threads spin for a
-    while after their work, and would otherwise steal the cores from the other library's next step.
+    Each round runs a block of every step in turn, so both see the same machine load; the speedup is then
+    taken round by round (a paired estimate), which a shared machine's drifting load distorts far less than
+    a ratio of two overall medians. Blocks rather than single steps, with a pause between them: XLA's and
+    OpenMP's worker threads spin for a while after their work, and would otherwise steal the cores from the
+    other library's next step.
     """
     for f in steps.values():
         for _ in range(warmup):
             f()
     times = {k: [] for k in steps}
+    per_round = []
     for r in range(rounds):
+        this = {}
         for k, f in steps.items():
             time.sleep(0.5)
+            block = []
             for _ in range(-(-n // rounds)):
                 t = time.perf_counter()
                 f()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                block.append(time.perf_counter() - t)
+            times[k] += block
+            this[k] = statistics.median(block)
+        per_round.append(this)
+    return {k: statistics.median(v) for k, v in times.items()}, per_round
 
 
 def jaxsr_step(model_dir: str, pairs, dtype: str):
@@ -180,19 +190,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     lines = []
     for name in args.config or list(CONFIGS):
-        steps = args.steps or (20 if name == "llama-1.5M" else 6)
+        steps = args.steps or (24 if name == "llama-1.5M" else 8)
         for dtype in args.dtype or ["float32"]:
             with tempfile.TemporaryDirectory() as d:
                 model = make_model(name, d)
                 pairs = make_pairs(CONFIGS[name]["vocab_size"])
-                sec = alternating({"jaxsr": jaxsr_step(d, pairs, dtype), "torch": torch_step(model, pairs, dtype)},
-                                  steps, args.warmup)
+                sec, rounds = alternating({"jaxsr": jaxsr_step(d, pairs, dtype),
+                                           "torch": torch_step(model, pairs, dtype)}, steps, args.warmup)
                 jax_ps, torch_ps = PAIRS / sec["jaxsr"], PAIRS / sec["torch"]
+            # The speedup is the median of the rounds' ratios (paired, see `alternating`), with their range.
+            ratios = sorted(r["torch"] / r["jaxsr"] for r in rounds)
             line = {"model": name, "dtype": dtype, "jaxsr_pairs_per_s": round(jax_ps, 2),
-                    "torch_pairs_per_s": round(torch_ps, 2), "speedup": round(jax_ps / torch_ps, 2),
+                    "torch_pairs_per_s": round(torch_ps, 2), "speedup": round(statistics.median(ratios), 2),
+                    "speedup_range": [round(ratios[0], 2), round(ratios[-1], 2)], "rounds": len(ratios),
                     "load_avg_1m": round(os.getloadavg()[0], 2), "malloc_tuned": tuned} | ({"threads": args.threads} if args.threads else {})
-            print(f"{name} {dtype}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s (torch "
-                  f"{torch.__version__}, {torch.get_num_threads()} threads)", file=sys.stderr)
+            print(f"{name} {dtype}: jaxsr {jax_ps:.1f} pairs/s, torch {torch_ps:.1f} pairs/s, per-round speedups "
+                  f"{' '.join(f'{x:.2f}' for x in ratios)} (torch {torch.__version__}, {torch.get_num_threads()} "
+                  f"threads)", file=sys.stderr)
             lines.append(line)
     for line in lines:
         print(json.dumps(line))
