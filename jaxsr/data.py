@@ -380,22 +380,29 @@ def _row_layout(segments: Sequence[tuple[np.ndarray, np.ndarray]]):
     return ids, pos, seg, tpos, tids
 
 
-def _fill(rows_layout, T: int, R: int, pad_id: int, packed: bool) -> dict[str, np.ndarray]:
+def _fill(rows_layout, T: int, R: int, pad_id: int, extra: str | None = None, k: int | None = None) -> dict[str, np.ndarray]:
+    """Padded arrays of rows laid out as (ids, positions, per-token ids, target slots, target tokens).
+
+    `extra` names the per-token ids (`segment_ids` of packed rows, `branch` of shared-prompt rows; None: not
+    stored). Targets are one sequence per row ([n, R]) or, with `k`, lists of k sequences ([n, k, R]).
+    """
     n = len(rows_layout)
+    t_shape = (n, R) if k is None else (n, k, R)
     out = {"ids": np.full((n, T), pad_id, np.int32), "positions": np.zeros((n, T), np.int32),
-           "mask": np.zeros((n, T), bool), "target_pos": np.zeros((n, R), np.int32),
-           "target_ids": np.zeros((n, R), np.int32), "target_mask": np.zeros((n, R), bool)}
-    if packed:
-        out["segment_ids"] = np.zeros((n, T), np.int32)
-    for i, (ids, pos, seg, tpos, tids) in enumerate(rows_layout):
+           "mask": np.zeros((n, T), bool), "target_pos": np.zeros(t_shape, np.int32),
+           "target_ids": np.zeros(t_shape, np.int32), "target_mask": np.zeros(t_shape, bool)}
+    if extra:
+        out[extra] = np.zeros((n, T), np.int32)
+    for i, (ids, pos, tok_ids, tpos, tids) in enumerate(rows_layout):
         out["ids"][i, :len(ids)] = ids
         out["positions"][i, :len(ids)] = pos
         out["mask"][i, :len(ids)] = True
-        out["target_pos"][i, :len(tpos)] = tpos
-        out["target_ids"][i, :len(tids)] = tids
-        out["target_mask"][i, :len(tids)] = True
-        if packed:
-            out["segment_ids"][i, :len(seg)] = seg
+        if extra:
+            out[extra][i, :len(tok_ids)] = tok_ids
+        for at, tp, ti in ([((i,), tpos, tids)] if k is None else [((i, j), tpos[j], tids[j]) for j in range(k)]):
+            out["target_pos"][at][:len(tp)] = tp
+            out["target_ids"][at][:len(ti)] = ti
+            out["target_mask"][at][:len(ti)] = True
     return out
 
 
@@ -423,7 +430,7 @@ def sft_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, bat
     layout = [_row_layout([(examples[i].prompt, examples[i].response) for i in row]) for row in rows]
     T = bucket(max(len(l[0]) for l in layout), max_length)
     R = bucket(max(len(l[4]) for l in layout), T)
-    arrays = _fill(layout, T, R, pad_id, packed)
+    arrays = _fill(layout, T, R, pad_id, "segment_ids" if packed else None)
     return _microbatches(arrays, batch_size, grad_accum, multiple, {"ids": pad_id})
 
 
@@ -444,21 +451,7 @@ def _shared_prompt_batch(pairs: Sequence[Pair], idx: Sequence[int], max_length: 
     # A row holds up to two responses after its prompt; fine buckets, since 3 of 4 halves is the common case.
     T = bucket(max(len(l[0]) for l in layout), 2 * max_length, fine=True)
     R = bucket(max(len(t) for l in layout for t in l[4]), max_length)
-    n = len(idx)
-    out = {"ids": np.full((n, T), pad_id, np.int32), "positions": np.zeros((n, T), np.int32),
-           "mask": np.zeros((n, T), bool), "branch": np.zeros((n, T), np.int32),
-           "target_pos": np.zeros((n, 2, R), np.int32), "target_ids": np.zeros((n, 2, R), np.int32),
-           "target_mask": np.zeros((n, 2, R), bool)}
-    for i, (ids, pos, branch, tpos, tids) in enumerate(layout):
-        out["ids"][i, :len(ids)] = ids
-        out["positions"][i, :len(ids)] = pos
-        out["mask"][i, :len(ids)] = True
-        out["branch"][i, :len(ids)] = branch
-        for k in range(2):
-            out["target_pos"][i, k, :len(tpos[k])] = tpos[k]
-            out["target_ids"][i, k, :len(tids[k])] = tids[k]
-            out["target_mask"][i, k, :len(tids[k])] = True
-    return out
+    return _fill(layout, T, R, pad_id, "branch", k=2)
 
 
 def pair_batch(pairs: Sequence[Pair], rows: Sequence[Sequence[int]], *, batch_size: int, grad_accum: int = 1,
@@ -477,7 +470,7 @@ def pair_batch(pairs: Sequence[Pair], rows: Sequence[Sequence[int]], *, batch_si
         layout = [_row_layout([(pairs[i].prompt, resp)]) for i in idx for resp in (pairs[i].chosen, pairs[i].rejected)]
         T = bucket(max(len(l[0]) for l in layout), max_length)
         R = bucket(max(len(l[4]) for l in layout), T)
-        flat = _fill(layout, T, R, pad_id, packed=False)
+        flat = _fill(layout, T, R, pad_id)
         arrays = {k: v.reshape((len(idx), 2) + v.shape[1:]) for k, v in flat.items()}
     arrays["weight"] = np.ones(len(idx), np.float32)
     refs = [pairs[i].ref_logps for i in idx]
