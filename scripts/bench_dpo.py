@@ -161,7 +161,7 @@ def torch_step(model, pairs, dtype: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
-    ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 20 for 1.5M, 6 for 30M)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps, spread over 8 rounds (default: 24 for 1.5M, 8 for 30M)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
                     help="compute dtype of both sides, repeatable (default: float32, one JSON line per config); "

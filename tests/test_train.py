@@ -170,14 +170,12 @@ def test_shared_prompt_rows_give_each_response_its_own_sequence_log_prob():
             {"prompt": "Say ok", "chosen": "ok", "rejected": "fine, ok, sure, yes, alright then",
              "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}]
     pairs, _ = data.tokenize_pairs(pol.tokenizer, recs, max_length=64, need_ref=True)
-    fwd = jax.jit(functools.partial(train.target_logps, rng=None, cfg=pol.config, dtype=jnp.float32))
+    fwd = functools.partial(train.target_logps, cfg=pol.config, dtype=jnp.float32)
     got = {}
     for shared in (True, False):
         b = data.pair_batch(pairs, [[0], [1]], batch_size=2, max_length=64, shared_prompt=shared)
         rows = {k: v[0] for k, v in b.items() if k not in ("weight", "ref_logps")}
-        if not shared:
-            rows = {k: v.reshape((-1,) + v.shape[2:]) for k, v in rows.items()}
-        got[shared] = np.asarray(fwd(pol.params, rows)[0]).reshape(2, 2)
+        got[shared] = np.asarray(jax.jit(train.pair_logps, static_argnums=0)(fwd, pol.params, rows, None)[0])
     want = np.array([[float(naive_seq_logp(pol.params, pol.config, p.prompt, r)) for r in (p.chosen, p.rejected)]
                      for p in pairs])
     np.testing.assert_allclose(got[True], want, rtol=1e-5)
