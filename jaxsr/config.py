@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
@@ -74,14 +74,14 @@ class ModelSection:
     Attributes:
       path: Hugging Face model directory, hub name, or jaxsr checkpoint directory; empty = a random M0 of
         `architecture` with `tokenizer`.
-      tokenizer: for a from-scratch M0: "world" (the built-in world's tokenizer) or a tokenizer directory.
+      tokenizer: for a from-scratch M0: "env" (the environment's tokenizer) or a tokenizer directory / hub name.
       init_seed: seed of the random M0.
       dtype: parameter and compute dtype.
       remat: rematerialisation of each decoder layer in training: none, dots, full.
     """
 
     path: str = ""
-    tokenizer: str = "world"
+    tokenizer: str = "env"
     init_seed: int = 0
     architecture: ArchitectureSection = dataclasses.field(default_factory=ArchitectureSection)
     dtype: str = "float32"
@@ -94,27 +94,17 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    """Seed data. source=world: the built-in verifiable world; oasst: Open Assistant (hub name or local files in
-    `oasst_path`); files: JSONL / HF-datasets paths for ift (prompt, response), eft (prompt, response) and prompts.
+    """Where the seed data, new prompts, grader and evaluation sets come from: an environment (jaxsr/envs/).
 
     Attributes:
-      world_*: sizes of the built-in world's splits (seeded by the run's seed).
-      num_ift: cap on IFT examples (paper: 3,200 Open Assistant first turns).
+      source: the environment: world (the built-in verifiable world), oasst (Open Assistant), files (your
+        JSONL / HF-datasets files), arithmetic (the small example), or one you registered.
+      options: the environment's own keys (e.g. world: ift, eft, eval, rm_eval sizes; oasst: path, num_ift;
+        files: ift_path, eft_path, prompts_path), checked against its Options dataclass.
     """
 
     source: str = "world"
-    world_ift: int = 2000
-    world_eft: int = 2000
-    world_eval: int = 200
-    world_rm_eval: int = 100
-    oasst_path: str = "OpenAssistant/oasst1"
-    num_ift: int = 3200
-    ift_path: str = ""
-    eft_path: str = ""
-    prompts_path: str = ""
-
-    def __post_init__(self):
-        _choice("data.source", self.source, ("world", "oasst", "files"))
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -261,7 +251,7 @@ class PromptsSection:
     Attributes:
       num_prompts: prompts to accept per iteration.
       generator: "" to use M_t, a model path (HF dir or jaxsr checkpoint) of a fixed generator (the paper's choice),
-        or "world": the built-in world's task sampler as the fixed generator.
+        or "env": the environment's own prompt sampler as the fixed generator.
       requests_per_round: few-shot requests generated together; one round's accepted prompts form one shard.
       max_rounds: give up (with what was accepted) after this many rounds.
     """
@@ -294,7 +284,8 @@ class JudgeSection:
     """LLM-as-a-Judge (paper: K=3 sampled judgements at T=0.7, top-p 0.9, score = mean of valid ones).
 
     Attributes:
-      template: "paper" (Figure 2, word for word) or a path to a template with <INSTRUCTION_HERE> and <RESPONSE_HERE>.
+      template: "paper" (Figure 2, word for word), "env" (the environment's own), or a path to a template with
+        <INSTRUCTION_HERE> and <RESPONSE_HERE>.
       mode: sampled (K judgements, mean of valid scores) or expected (one justification, then the
         probability-weighted mean of the digits 0-5 after "Score:").
       exclude_truncated: drop candidates that hit sample.max_new_tokens before judging.
@@ -361,6 +352,9 @@ class JaxsrConfig:
         self.dpo.validate("dpo")
         if not self.run_dir:
             self.run_dir = str(Path("runs") / self.name)
+        from .envs import options_of
+
+        options_of(self.data.source, self.data.options)  # unknown environment or option: fail before any compute
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -414,6 +408,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     for where, layer in layers:
         plain = OmegaConf.to_container(layer)
         for key in _flat_keys(plain):
+            if key.startswith("data.options."):
+                continue  # the environment's own keys, checked against its Options when the config is built
             if OmegaConf.select(base, key, default="__missing__") == "__missing__":
                 raise ConfigValueError(f"{where}: {_unknown_key_error(base, key)}")
         try:

@@ -104,14 +104,9 @@ def _read_template(text: str) -> str:
 
 
 def load_judge_template(path_or_name: str | os.PathLike) -> str:
-    """A built-in judge template by name ("paper": Fig. 2; "world": the built-in world's short one) or a file path."""
+    """The paper's template ("paper": Fig. 2) or a template file (an environment's own: jaxsr.envs)."""
     if path_or_name == "paper":
         return PAPER_JUDGE_TEMPLATE
-    if path_or_name in BUILTIN_TEMPLATES:
-        template = _read_template((resources.files(__package__) / "templates" / BUILTIN_TEMPLATES[path_or_name])
-                                  .read_text(encoding="utf-8"))
-        _check_slots(template, repr(path_or_name))
-        return template
     path = os.fspath(path_or_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -123,8 +118,6 @@ def load_judge_template(path_or_name: str | os.PathLike) -> str:
     _check_slots(template, repr(path))
     return template
 
-
-BUILTIN_TEMPLATES = {"world": "judge_world.txt"}
 
 # The paper's Figure 2 prompt, word for word (typographic quotes kept).
 PAPER_JUDGE_TEMPLATE = _read_template(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from . import artifacts
 
-COLUMNS = [("model", "model", "{}"), ("world_score", "world score (0-5)", "{:.2f}"),
-           ("world_perfect", "perfect", "{:.1%}"), ("judge_pairwise_accuracy", "judge pairwise acc", "{:.1%}"),
+# Every run's columns; the environment's own (its `report_columns`) stand between "model" and these.
+COLUMNS = [("judge_pairwise_accuracy", "judge pairwise acc", "{:.1%}"),
            ("prompts", "prompts", "{}"), ("pairs", "pairs", "{}"), ("tie_rate", "tie rate", "{:.1%}"),
            ("parse_failure_rate", "parse failures", "{:.1%}"), ("mean_chosen_tokens", "chosen len", "{:.1f}"),
            ("mean_rejected_tokens", "rejected len", "{:.1f}")]
@@ -18,24 +18,26 @@ def _fmt(fmt: str, value) -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], env_columns=()) -> str:
     """Markdown table, one row per model M_t (pairs/ties/parse failures are of the data M_t generated)."""
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(f, r.get(k)) for k, _, f in COLUMNS) + " |" for r in rows]
+    columns = [("model", "model", "{}"), *env_columns, *COLUMNS]
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(f, r.get(k)) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, env_columns=()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key, title in zip(axes, ("world_score", "judge_pairwise_accuracy", "pairs"),
-                              ("instruction following (0-5)", "judge pairwise accuracy", "pairs generated")):
+    panels = [(k, title) for k, title, _ in env_columns[:1]]
+    panels += [("judge_pairwise_accuracy", "judge pairwise accuracy"), ("pairs", "pairs generated")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    for ax, (key, title) in zip(axes, panels):
         ys = [r.get(key) for r in rows]
         pts = [(x, y) for x, y in zip(its, ys) if y is not None]
         if pts:
@@ -65,16 +67,16 @@ def tensorboard(rows: list[dict], run_dir: Path) -> None:
                         w.add_scalar(f"{stage}/{key}", value, rec.get("step", 0))
 
 
-def write_report(rows: list[dict], run_dir: Path, name: str) -> dict:
+def write_report(rows: list[dict], run_dir: Path, name: str, env_columns=()) -> dict:
     run_dir = Path(run_dir)
     clean = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
     artifacts.write_json_atomic(run_dir / "report.json", clean)
-    plot(rows, run_dir / "report.png")
+    plot(rows, run_dir / "report.png", env_columns)
     tensorboard(clean, run_dir)
-    md = [f"# jaxsr run `{name}`", "", table(rows), "",
-          "World score: mean ground-truth score (0-5) of greedy answers to held-out instructions; perfect: share "
-          "scoring 5. Judge pairwise accuracy: agreement of M_t's judge with reference rankings. Prompts, pairs, tie "
-          "and parse-failure rates and lengths describe the data M_t generated for training M_{t+1}.", "",
+    md = [f"# jaxsr run `{name}`", "", table(rows, env_columns), "",
+          "The first columns after the model are the environment's grader on greedy answers to held-out "
+          "instructions. Judge pairwise accuracy: agreement of M_t's judge with reference rankings. Prompts, pairs, "
+          "tie and parse-failure rates and lengths describe the data M_t generated for training M_{t+1}.", "",
           "![report](report.png)", ""]
     for r in rows:
         if r.get("samples"):
@@ -82,6 +84,6 @@ def write_report(rows: list[dict], run_dir: Path, name: str) -> dict:
             md += [f"- `{s['instruction']}` → `{s['response']}` (score {s['score']})" for s in r["samples"]]
             md.append("")
     (run_dir / "report.md").write_text("\n".join(md))
-    print(table(rows))
+    print(table(rows, env_columns))
     print(f"\nreport: {run_dir / 'report.md'}  plot: {run_dir / 'report.png'}  data: {run_dir / 'report.json'}")
     return {}

@@ -131,6 +131,8 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = LockHolder.current(self._argv).to_json()
         if self._create(text):
+            # The holder makes the takeover guard too, so a refused second run leaves the directory as it found it.
+            os.close(os.open(self.run_dir / _GUARD_NAME, os.O_RDWR | os.O_CREAT, 0o644))
             self._mine = text
             return self
         with self._guard():
@@ -221,7 +223,7 @@ class RunLock:
                 return f"an unreadable lock file, by force=True ({e}: {old[:200]!r})"
             raise RunDirLocked(
                 f"run directory {self.run_dir} has a lock file {self.path} that cannot be read ({e}: {old[:200]!r}). "
-                f"If no jaxsr process is using {self.run_dir}, delete {self.path} or take it over with force=True; "
+                f"If no jaxsr process is using {self.run_dir}, delete {self.path} or take it over with force=True (jaxsr run --force-lock); "
                 f"or use another run_dir.") from None
         reason = holder.dead_reason()
         if reason:
@@ -232,7 +234,7 @@ class RunLock:
             raise RunDirLocked(
                 f"run directory {self.run_dir} is locked by a process on another host: {holder.describe()}. "
                 f"Its liveness cannot be checked from {socket.gethostname()}. Wait for it to finish or stop it there; "
-                f"if it is no longer running, take the lock over with force=True; or use another run_dir.")
+                f"if it is no longer running, take the lock over with force=True (jaxsr run --force-lock); or use another run_dir.")
         who = "this process" if holder.pid == os.getpid() else "another jaxsr process"
         raise RunDirLocked(
             f"run directory {self.run_dir} is in use by {who}: {holder.describe()}. "

@@ -15,46 +15,38 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from . import artifacts, distributed
-from .chat import chat_token_ids, render_user_turn
-from .config import JaxsrConfig
+from . import artifacts
+from .chat import chat_token_ids
+from .config import JaxsrConfig, JudgeSection
 from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
 from .pairs import select_pair
 from .policy import Policy, forward_logits
 from .sample import generate
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
+from .stages import Context, Stage, map_rows, progress, stage_seed
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prompts", "candidates", "judgements", "pairs")
-# Rows per committed shard; a kill loses at most one shard of work.
+# Prompts per committed shard of the candidate and judge stages; a kill loses at most one shard of work.
 SHARD_PROMPTS = 16
-
-
-def _stage_seed(cfg: JaxsrConfig, iteration: int, stage: str) -> int:
-    return (cfg.seed * 1_000_003 + iteration * 7919 + STAGES.index(stage) * 104_729) % (2**31)
-
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+# A prompt source standing in for a fixed generator model: (seed, stream, n, held_out) -> n instructions.
+PromptSource = Callable[[int, str, int, set], list]
 
 
 # --- 1. prompts ------------------------------------------------------------------------------------------------
 
-def generate_prompts(policy: Policy, seed_prompts: Sequence[str], out_dir, cfg: JaxsrConfig, iteration: int, *,
-                     held_out: Sequence[str] = ()) -> dict:
+def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir, cfg: JaxsrConfig, iteration: int, *,
+                     held_out: Sequence[str] = (), source: PromptSource | None = None) -> dict:
     """Self-Instruct: few-shot requests to the generator, filtered by ROUGE-L, length, blocklist and dedup.
 
     One round = `prompts.requests_per_round` requests; each round's accepted prompts are one committed shard,
-    so resuming replays the filter state from disk and continues with the next round. With
-    `prompts.generator: world` the built-in world's task sampler stands in for the fixed generator model; it
-    never returns one of `held_out` (the evaluation instructions).
+    so resuming replays the filter state from disk and continues with the next round. A `source` (the
+    environment's prompt sampler, `prompts.generator: env`) stands in for the generator model; it never
+    returns one of `held_out` (the evaluation instructions).
     """
     sec = cfg.prompts
     if not seed_prompts:
@@ -67,15 +59,12 @@ def generate_prompts(policy: Policy, seed_prompts: Sequence[str], out_dir, cfg: 
         filt.add(row["prompt"])
         accepted.append(row["prompt"])
     start_round = (max(r["round"] for r in done) + 1) if done else 0
-    seed = _stage_seed(cfg, iteration, "prompts")
-    bar = tqdm(total=sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt",
-               disable=not distributed.is_primary())
+    seed = stage_seed(cfg.seed, iteration, "prompts")
+    bar = progress(sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
     rnd = start_round
     while len(accepted) < sec.num_prompts and rnd < sec.max_rounds:
-        if sec.generator == "world":
-            from .world.data import new_instructions
-
-            texts = new_instructions(seed, f"{iteration}/{rnd}", sec.requests_per_round, set(held_out))
+        if source is not None:
+            texts = source(seed, f"{iteration}/{rnd}", sec.requests_per_round, set(held_out))
         else:
             rng = random.Random(seed + rnd)
             requests = [build_fewshot_prompt(seed_prompts, accepted, rng, num_seed=sec.num_seed_shots,
@@ -111,26 +100,19 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
     """N responses per prompt from M_t through the chat template, with token counts and finish reasons."""
     sec = cfg.sample
     prompts = artifacts.read_dataset(prompts_dir).to_list()
-    writer = artifacts.ShardedWriter(out_dir, shard_size=SHARD_PROMPTS * sec.num_samples)
-    start = writer.done_rows() // sec.num_samples
-    seed = _stage_seed(cfg, iteration, "candidates")
-    bar = tqdm(total=len(prompts), initial=start, desc=f"candidates (M{iteration})", unit="prompt",
-               disable=not distributed.is_primary())
-    for lo, hi in _chunks(len(prompts), SHARD_PROMPTS):
-        if hi <= start:
-            continue
-        chunk = prompts[lo:hi]
+    seed = stage_seed(cfg.seed, iteration, "candidates")
+
+    def respond(chunk, lo):
         ids = chat_token_ids(policy.tokenizer, [p["prompt"] for p in chunk])
         # The seed depends on the chunk, not on where a resumed run starts.
         outs = generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
                         temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo)
-        for p, comps in zip(chunk, outs):
-            for j, c in enumerate(comps):
-                writer.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "candidate_id": j, "response": c.text,
-                               "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason})
-        bar.update(len(chunk))
-    bar.close()
-    writer.finalize()
+        return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "candidate_id": j, "response": c.text,
+                 "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                for p, comps in zip(chunk, outs) for j, c in enumerate(comps)]
+
+    map_rows(out_dir, prompts, respond, chunk=SHARD_PROMPTS, rows_per_item=sec.num_samples,
+             desc=f"candidates (M{iteration})", unit="prompt")
     rows = artifacts.read_dataset(out_dir)
     stats = {"stage": "candidates", "iteration": iteration, "prompts": len(prompts), "candidates": len(rows),
              "mean_tokens": float(np.mean(rows["num_tokens"])) if len(rows) else 0.0,
@@ -213,42 +195,43 @@ def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justif
     return out
 
 
-def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int) -> dict:
+def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSection, seed: int
+          ) -> list[list[tuple[str, float | None, list[float]]]]:
+    """M_t's judgements of each request: K sampled ones (`sampled`) or one with its expected score (`expected`),
+    as (text, score or None, digit probabilities 0-5 or [])."""
+    k = sec.num_judgements if sec.mode == "sampled" else 1
+    outs = generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
+                    temperature=sec.temperature, top_p=sec.top_p, seed=seed)
+    if sec.mode == "expected":
+        expected = expected_scores(policy, request_ids, [o[0].text for o in outs])
+        return [[(o[0].text, score, mass)] for o, (score, mass) in zip(outs, expected)]
+    return [[(c.text, parse_score(c.text), []) for c in o] for o in outs]
+
+
+def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
+                     template: str | None = None) -> dict:
     """K sampled judgements per candidate (mean of valid scores), or one `expected` judgement."""
     sec = cfg.judge
-    template = load_judge_template(sec.template)
+    template = template if template is not None else load_judge_template(sec.template)
     cands = artifacts.read_dataset(candidates_dir).to_list()
     k = sec.num_judgements if sec.mode == "sampled" else 1
-    per_shard = SHARD_PROMPTS * cfg.sample.num_samples
-    writer = artifacts.ShardedWriter(out_dir, shard_size=per_shard * k)
-    start = writer.done_rows() // k
-    seed = _stage_seed(cfg, iteration, "judgements")
-    bar = tqdm(total=len(cands), initial=start, desc=f"judge (M{iteration})", unit="cand",
-               disable=not distributed.is_primary())
-    for lo, hi in _chunks(len(cands), per_shard):
-        if hi <= start:
-            continue
-        chunk = cands[lo:hi]
+    seed = stage_seed(cfg.seed, iteration, "judgements")
+
+    def grade(chunk, lo):
         reqs = [judge_request_ids(policy, template, c["prompt"], c["response"], sec.max_new_tokens) for c in chunk]
-        outs = generate(policy, [r[0] for r in reqs], num_samples=k, max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo)
-        expected = (iter(expected_scores(policy, [r[0] for r in reqs], [o[0].text for o in outs]))
-                    if sec.mode == "expected" else None)
-        for c, (req, truncated), comps in zip(chunk, reqs, outs):
+        rows = []
+        for c, (_, truncated), verdicts in zip(chunk, reqs, judge(policy, [r[0] for r in reqs], sec, seed + lo)):
             skipped = sec.exclude_truncated and c["finish_reason"] == "length"
-            for j, comp in enumerate(comps):
-                if expected is not None:
-                    score, mass = next(expected)
-                    if skipped:
-                        score, mass = None, [0.0] * 6
-                else:
-                    score, mass = (None if skipped else parse_score(comp.text)), []
-                writer.append({"prompt_id": c["prompt_id"], "candidate_id": c["candidate_id"], "judge_id": j,
-                               "judge_text": comp.text, "score": score, "digit_mass": mass,
-                               "response_truncated": truncated, "excluded": skipped})
-        bar.update(len(chunk))
-    bar.close()
-    writer.finalize()
+            for j, (text, score, mass) in enumerate(verdicts):
+                if skipped:
+                    score, mass = None, [0.0] * 6 if mass else []
+                rows.append({"prompt_id": c["prompt_id"], "candidate_id": c["candidate_id"], "judge_id": j,
+                             "judge_text": text, "score": score, "digit_mass": mass,
+                             "response_truncated": truncated, "excluded": skipped})
+        return rows
+
+    map_rows(out_dir, cands, grade, chunk=SHARD_PROMPTS * cfg.sample.num_samples, rows_per_item=k,
+             desc=f"judge (M{iteration})", unit="cand")
     rows = artifacts.read_dataset(out_dir).to_list()
     judged = [r for r in rows if not r["excluded"]]
     scores = [r["score"] for r in judged]
@@ -329,3 +312,57 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
              "length_control": cfg.pairs.length_control}
     artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
     return stats
+
+
+# --- the four stages as graph nodes (jaxsr.pipeline.GRAPH) ------------------------------------------------------
+
+def held_out_instructions(ctx: Context) -> list[str]:
+    """The evaluation sets' instructions, which no generated prompt may repeat."""
+    out = []
+    for split, col in (("eval", "instruction"), ("rm_eval", "instruction"), ("rm_eval", "prompt")):
+        ds = ctx.split(split)
+        if ds is not None and col in ds.column_names:
+            out += ds[col]
+    return out
+
+
+def _prompts(ctx: Context) -> dict:
+    # The paper generates prompts with a fixed model (prompts.generator = its path); "" uses M_t itself, and
+    # "env" the environment's own prompt sampler.
+    gen = ctx.cfg.prompts.generator
+    source, policy = None, None
+    if gen == "env":
+        if not ctx.env.has_prompt_source():
+            raise ValueError(f"prompts.generator=env: environment {ctx.env.name!r} has no prompt source; "
+                             f"use prompts.generator='' (M_t) or a generator model path")
+        source = ctx.env.new_prompts
+    elif gen:
+        from .policy import load_policy
+
+        policy = load_policy(gen, dtype=ctx.cfg.model.dtype, mesh=ctx.mesh)
+    else:
+        policy = ctx.policy()
+    return generate_prompts(policy, ctx.split("seed_prompts")["prompt"], ctx.path("prompts"), ctx.cfg, ctx.t,
+                            held_out=held_out_instructions(ctx), source=source)
+
+
+def judge_template(ctx: Context) -> str:
+    return ctx.env.judge_template() if ctx.cfg.judge.template == "env" else load_judge_template(ctx.cfg.judge.template)
+
+
+PROMPTS = Stage("prompts", _prompts, reads=("M_t", "data"), writes=("prompts",), section="prompts", command="prompts",
+                help="Self-Instruct prompts of iteration t (M_t as generator by default)")
+CANDIDATES = Stage(
+    "candidates", lambda ctx: generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), ctx.cfg, ctx.t),
+    reads=("M_t", "prompts"), writes=("candidates",), section="sample", command="sample",
+    help="N candidate responses per prompt from M_t")
+JUDGEMENTS = Stage(
+    "judgements", lambda ctx: judge_candidates(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.cfg,
+                                               ctx.t, template=judge_template(ctx)),
+    reads=("M_t", "candidates"), writes=("judgements",), section="judge", command="judge",
+    help="M_t judges the candidates (LLM-as-a-Judge)")
+PAIRS = Stage(
+    "pairs", lambda ctx: build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"),
+                                     ctx.cfg, ctx.t),
+    reads=("M_t", "candidates", "judgements"), writes=("pairs",), section="pairs", command="pairs",
+    help="best-vs-worst pairs with M_t's reference log-probs")

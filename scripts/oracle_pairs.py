@@ -18,7 +18,10 @@ from omegaconf import OmegaConf
 
 from jaxsr import artifacts, load_policy, selfreward
 from jaxsr.config import load_config
-from jaxsr.loop import RunPaths, _held_out_instructions, evaluate_policy
+from jaxsr.loop import context
+from jaxsr.pipeline import evaluate_policy
+from jaxsr.selfreward import held_out_instructions
+from jaxsr.stages import stage_seed
 from jaxsr.train import train_dpo
 from jaxsr.world import data as wd
 from jaxsr.world.tasks import grade
@@ -32,11 +35,13 @@ def main(argv: list[str]) -> int:
     manifest = json.loads((run / "manifest.json").read_text())
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(load_config(None, [])),
                                               OmegaConf.create(manifest["config"]), OmegaConf.from_dotlist(over)))
-    paths = RunPaths(run)
-    # Iteration 1's prompts come from the world's seeded task sampler (prompts.generator: world): replay it to
+    cfg.run_dir = str(run)
+    ctx = context(cfg)
+    paths = ctx.paths
+    # Iteration 1's prompts come from the world's seeded task sampler (prompts.generator: env): replay it to
     # recover each instruction's spec.
-    held = set(_held_out_instructions(paths))
-    seed = selfreward._stage_seed(cfg, 1, "prompts")
+    held = set(held_out_instructions(ctx))
+    seed = stage_seed(cfg.seed, 1, "prompts")
     spec = {}
     for rnd in range(50):
         rng = wd._rng(seed, f"new/1/{rnd}")
@@ -59,7 +64,7 @@ def main(argv: list[str]) -> int:
     print(f"{len(pairs)} pairs; mean true score chosen {np.mean([p['chosen_score'] for p in pairs]):.2f}, "
           f"rejected {np.mean([p['rejected_score'] for p in pairs]):.2f}", file=sys.stderr)
     m2 = train_dpo(policy, pairs, cfg.dpo, out / "train")
-    res = evaluate_policy(m2, cfg, paths, 2)
+    res = evaluate_policy(m2, ctx, 2)
     print(json.dumps({"overrides": over, "pairs": len(pairs),
                       **{k: v for k, v in res.items() if not isinstance(v, (list, dict))}}))
     return 0

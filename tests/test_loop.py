@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
     "seed=1", "model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
     "model.architecture.num_layers=2", "model.architecture.num_heads=2", "model.architecture.num_kv_heads=1",
-    "model.architecture.head_dim=32", "data.world_ift=96", "data.world_eft=96", "data.world_eval=12",
-    "data.world_rm_eval=6", "loop.iterations=2", "loop.eval_max_new_tokens=16", "sft.max_steps=24",
+    "model.architecture.head_dim=32", "data.options.ift=96", "data.options.eft=96", "data.options.eval=12",
+    "data.options.rm_eval=6", "loop.iterations=2", "loop.eval_max_new_tokens=16", "sft.max_steps=24",
     "sft.checkpoint_every=6", "sft.batch_size=16", "prompts.num_prompts=20", "prompts.requests_per_round=16",
     "prompts.max_new_tokens=24", "prompts.max_rounds=4", "sample.num_samples=2", "sample.max_new_tokens=16",
     "judge.mode=expected", "judge.max_new_tokens=16", "dpo.max_steps=8", "dpo.checkpoint_every=2", "dpo.batch_size=8",

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
     "seed=1", "model.architecture.hidden_size=64", "model.architecture.intermediate_size=128",
     "model.architecture.num_layers=2", "model.architecture.num_heads=2", "model.architecture.num_kv_heads=1",
-    "model.architecture.head_dim=32", "data.world_ift=32", "data.world_eft=16", "data.world_eval=4",
-    "data.world_rm_eval=2", "loop.iterations=2", "loop.eval_max_new_tokens=8", "sft.max_steps=1",
+    "model.architecture.head_dim=32", "data.options.ift=32", "data.options.eft=16", "data.options.eval=4",
+    "data.options.rm_eval=2", "loop.iterations=2", "loop.eval_max_new_tokens=8", "sft.max_steps=1",
     "sft.checkpoint_every=1", "sft.batch_size=8", "prompts.num_prompts=8", "prompts.requests_per_round=8",
     "prompts.max_rounds=4", "sample.num_samples=2", "sample.max_new_tokens=8", "judge.mode=expected",
     "judge.max_new_tokens=8", "dpo.max_steps=3", "dpo.checkpoint_every=1", "dpo.batch_size=4",

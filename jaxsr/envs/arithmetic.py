@@ -1,0 +1,83 @@
+"""A small example environment: adding two numbers, graded by a checker (docs/architecture.md).
+
+It shows what a new environment needs, one module and a `register`: seed data, a prompt source, a grader and
+the report's columns. It reuses the world's tokenizer, which spells digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Sequence
+
+from . import Environment, register
+
+JUDGE_TEMPLATE = ("Check the answer. Score: 5 if it is the right number, else 0.\n"
+                  "Question: <INSTRUCTION_HERE>\nAnswer: <RESPONSE_HERE>")
+_NUMBER = re.compile(r"-?\d+")
+
+
+@dataclasses.dataclass
+class ArithmeticOptions:
+    """Attributes: split sizes, and `max_operand` (operands are drawn from 0..max_operand)."""
+
+    ift: int = 200
+    eft: int = 200
+    eval: int = 50
+    rm_eval: int = 20
+    max_operand: int = 20
+
+
+@register
+class Arithmetic(Environment):
+    name = "arithmetic"
+    Options = ArithmeticOptions
+    report_columns = (("accuracy", "accuracy", "{:.1%}"),)
+
+    def _question(self, rng: random.Random) -> tuple[str, int]:
+        a, b = rng.randint(0, self.options.max_operand), rng.randint(0, self.options.max_operand)
+        return f"What is {a} + {b}?", a + b
+
+    def seed_data(self, seed: int) -> dict[str, list[dict]]:
+        rng, o = random.Random(f"arithmetic/{seed}"), self.options
+        held = [self._question(rng) for _ in range(o.eval + o.rm_eval)]
+        held_out = {q for q, _ in held}
+        train = []
+        while len(train) < o.ift + o.eft:
+            q, ans = self._question(rng)
+            if q not in held_out:
+                train.append((q, ans))
+        ift = [{"prompt": q, "response": str(ans)} for q, ans in train[:o.ift]]
+        eft = []
+        for q, ans in train[o.ift:]:
+            given = ans if rng.random() < 0.5 else ans + rng.choice((-2, -1, 1, 2))
+            eft.append({"prompt": JUDGE_TEMPLATE.replace("<INSTRUCTION_HERE>", q).replace("<RESPONSE_HERE>", str(given)),
+                        "response": f"Score: {5 if given == ans else 0}"})
+        rm_eval = [{"instruction": q, "candidates": [str(ans), str(ans + 1)], "scores": [5.0, 0.0]}
+                   for q, ans in held[o.eval:]]
+        return {"ift": ift, "eft": eft, "seed_prompts": [{"prompt": r["prompt"]} for r in ift],
+                "eval": [{"instruction": q, "answer": ans} for q, ans in held[:o.eval]], "rm_eval": rm_eval}
+
+    def new_prompts(self, seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
+        rng, out = random.Random(f"arithmetic/{seed}/{stream}"), []
+        while len(out) < n:
+            q, _ = self._question(rng)
+            if q not in held_out:
+                out.append(q)
+        return out
+
+    def grade(self, row: dict, response: str) -> float:
+        found = _NUMBER.search(response)
+        return float(found is not None and int(found.group()) == row["answer"])
+
+    def eval_metrics(self, scores: Sequence[float]) -> dict:
+        return {"accuracy": sum(scores) / len(scores) if scores else None}
+
+    def tokenizer(self):
+        from ..world import load_tokenizer
+
+        return load_tokenizer()
+
+    def judge_template(self) -> str:
+        return JUDGE_TEMPLATE

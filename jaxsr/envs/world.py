@@ -1,0 +1,64 @@
+"""The built-in verifiable instruction-following world (jaxsr/world, docs/world.md) as an environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+from . import Environment, register
+
+
+@dataclasses.dataclass
+class WorldOptions:
+    """Sizes of the world's splits (all seeded by the run's seed).
+
+    Attributes:
+      ift / eft: SFT examples (perfect answers) and judge-training examples (graded degraded answers).
+      eval: held-out instructions for the world score; rm_eval: held-out ranked candidates for the judge.
+    """
+
+    ift: int = 2000
+    eft: int = 2000
+    eval: int = 200
+    rm_eval: int = 100
+
+
+@register
+class World(Environment):
+    name = "world"
+    Options = WorldOptions
+    report_columns = (("world_score", "world score (0-5)", "{:.2f}"), ("world_perfect", "perfect", "{:.1%}"))
+
+    def seed_data(self, seed: int) -> dict[str, list[dict]]:
+        from ..world.data import world_records
+
+        o = self.options
+        return world_records(seed=seed, num_ift=o.ift, num_eft=o.eft, num_eval=o.eval, num_rm_eval=o.rm_eval)
+
+    def new_prompts(self, seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
+        # The tiny model is not trained to write instructions, so the world's task sampler plays the paper's
+        # fixed prompt generator.
+        from ..world.data import new_instructions
+
+        return new_instructions(seed, stream, n, held_out)
+
+    def grade(self, row: dict, response: str) -> float:
+        from ..world.tasks import grade
+
+        return grade(json.loads(row["spec"]), response)[0]
+
+    def eval_metrics(self, scores: Sequence[float]) -> dict:
+        from ..evaluate import world_metrics
+
+        return world_metrics(scores)
+
+    def tokenizer(self):
+        from ..world import load_tokenizer
+
+        return load_tokenizer()
+
+    def judge_template(self) -> str:
+        from ..world.data import WORLD_JUDGE_TEMPLATE
+
+        return WORLD_JUDGE_TEMPLATE

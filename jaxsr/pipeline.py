@@ -1,0 +1,190 @@
+"""The stage graph of `jaxsr run` and the stages that are not self-rewarding data (jaxsr.selfreward has those).
+
+    bootstrap (iteration 0):  data ─► sft (M0 → M1) ─► eval (M1)
+    iteration t = 1 .. T-1:   prompts ─► candidates ─► judgements ─► pairs ─► dpo (M_t → M_{t+1}) ─► eval (M_{t+1})
+    final:                    report
+
+`GRAPH` is the one list the loop, the per-stage commands, the manifest and the report read; to add a stage,
+define a `Stage` and insert it here (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts, distributed, evaluate, selfreward
+from .envs import SEED_SPLITS
+from .policy import Policy, load_policy, random_policy
+from .stages import Context, Graph, Stage
+
+log = logging.getLogger(__name__)
+
+
+# --- data and SFT ------------------------------------------------------------------------------------------
+
+def _data(ctx: Context) -> dict:
+    """The environment's seed splits under run_dir/data, each one committed dataset."""
+    splits = ctx.env.seed_data(ctx.cfg.seed)
+    unknown = sorted(set(splits) - set(SEED_SPLITS))
+    missing = [s for s in ("ift", "seed_prompts") if s not in splits]
+    if unknown or missing:
+        raise ValueError(f"environment {ctx.env.name!r}: seed_data gave splits {sorted(splits)}; "
+                         f"required: ift, seed_prompts; allowed: {', '.join(SEED_SPLITS)}")
+    for name, rows in splits.items():
+        w = artifacts.ShardedWriter(ctx.paths.data(name), shard_size=max(1, len(rows)))
+        if w.done_rows() == 0:
+            w.extend(rows)
+        w.finalize()
+    return {"splits": sorted(splits)}
+
+
+def initial_policy(ctx: Context) -> Policy:
+    """M0: `model.path`, or a random decoder of `model.architecture` with the configured tokenizer."""
+    cfg = ctx.cfg
+    if cfg.model.path:
+        return load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=ctx.mesh)
+    from transformers import AutoTokenizer
+
+    from .model.config import ModelConfig
+
+    tok = ctx.env.tokenizer() if cfg.model.tokenizer == "env" else AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    a = cfg.model.architecture
+    mcfg = ModelConfig(model_type=a.model_type, vocab_size=len(tok), hidden_size=a.hidden_size,
+                       intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                       num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                       max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
+                       tie_word_embeddings=a.tie_word_embeddings, bos_token_id=tok.bos_token_id,
+                       eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    mesh = ctx.mesh if ctx.mesh is not None else cfg.mesh.build(mcfg.hidden_size)
+    return random_policy(mcfg, seed=cfg.model.init_seed, dtype=cfg.model.dtype, mesh=mesh, tokenizer=tok)
+
+
+def promote(src: Path, dst: Path) -> None:
+    """The iteration checkpoint M_t: the training stage's final params-only checkpoint, moved into models/."""
+    if distributed.is_primary():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            src.rename(dst)
+    distributed.barrier(f"promote {dst}")
+
+
+def _sft(ctx: Context) -> None:
+    from .train import train_sft
+
+    rows = []
+    for split in ("ift", "eft"):
+        ds = ctx.split(split)
+        if ds is not None:
+            rows += ds.select_columns(["prompt", "response"]).to_list()
+    train_sft(initial_policy(ctx), rows, ctx.cfg.sft, ctx.paths.train("sft"), remat=ctx.cfg.model.remat)
+    promote(ctx.paths.train("sft") / "final", ctx.path("M_next"))
+
+
+def _dpo(ctx: Context) -> None:
+    from .train import train_dpo
+
+    pairs = artifacts.read_dataset(ctx.path("pairs")).to_list()
+    if not pairs:
+        raise RuntimeError(f"iteration {ctx.t}: no preference pairs (see {ctx.path('pairs') / 'stats.json'} and "
+                           f"{ctx.path('judgements') / 'stats.json'}); cannot train M{ctx.t + 1}")
+    work = ctx.paths.train(f"dpo{ctx.t}")
+    train_dpo(ctx.policy(), pairs, ctx.cfg.dpo, work, remat=ctx.cfg.model.remat)
+    promote(work / "final", ctx.path("M_next"))
+
+
+# --- evaluation and report ---------------------------------------------------------------------------------
+
+def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
+    """M_t on the environment's held-out instructions (greedy answers, its grader) and as a judge of the
+    reference-ranked candidates of rm_eval."""
+    from .chat import chat_token_ids
+    from .judge import aggregate_scores
+    from .sample import generate
+
+    cfg, out = ctx.cfg, {"iteration": t}
+    eval_rows = ctx.split("eval")
+    if eval_rows is not None:
+        rows = eval_rows.to_list()
+        ids = chat_token_ids(policy.tokenizer, [r["instruction"] for r in rows])
+        comps = generate(policy, ids, max_new_tokens=cfg.loop.eval_max_new_tokens, temperature=0.0)
+        scores = [ctx.env.grade(r, c[0].text) for r, c in zip(rows, comps)]
+        out |= ctx.env.eval_metrics(scores)
+        out["eval_mean_tokens"] = float(np.mean([len(c[0].token_ids) for c in comps]))
+        out["samples"] = [{"instruction": r["instruction"], "response": c[0].text, "score": s}
+                          for r, c, s in list(zip(rows, comps, scores))[:5]]
+    rm_rows = ctx.split("rm_eval")
+    if rm_rows is not None:
+        rows = rm_rows.to_list()
+        template = selfreward.judge_template(ctx)
+        reqs, owners = [], []
+        for i, r in enumerate(rows):
+            for j, cand in enumerate(r["candidates"] if "candidates" in r else r["responses"]):
+                reqs.append(selfreward.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
+                                                         cfg.judge.max_new_tokens)[0])
+                owners.append((i, j))
+        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=cfg.seed + 7 * t)
+        model_scores = [[None] * len(r["candidates"] if "candidates" in r else r["responses"]) for r in rows]
+        failures = total = 0
+        for (i, j), v in zip(owners, verdicts):
+            parsed = [score for _, score, _ in v]
+            failures, total = failures + sum(p is None for p in parsed), total + len(parsed)
+            model_scores[i][j] = aggregate_scores(parsed)
+        ref = [r["scores"] if "scores" in r else evaluate.scores_from_ranks(r["ranks"]) for r in rows]
+        rm = evaluate.reward_model_report(model_scores, ref)
+        out |= {"judge_pairwise_accuracy": rm.get("pairwise_accuracy"), "judge_five_best": rm.get("five_best"),
+                "judge_exact_match": rm.get("exact_match"), "judge_spearman": rm.get("spearman"),
+                "judge_kendall_tau": rm.get("kendall_tau"), "judge_eval_parse_failure_rate": failures / max(1, total)}
+    return out
+
+
+def _eval(ctx: Context) -> None:
+    artifacts.write_json_atomic(ctx.path("eval"), evaluate_policy(ctx.policy(ctx.t + 1), ctx, ctx.t + 1))
+
+
+def report_rows(ctx: Context) -> list[dict]:
+    """One row per model M_t: the environment's figures, the judge's, and the data M_t generated."""
+    rows = []
+    for t in range(1, ctx.cfg.loop.iterations + 1):
+        path = ctx.paths.eval(t)
+        ev = json.loads(path.read_text()) if path.is_file() else {"iteration": t}
+        stages = {s.name: _stats(ctx.paths.stage(t, s.name)) for s in GRAPH.iteration if s.writes == (s.name,)}
+        summary = evaluate.iteration_summary(stages)
+        row = {"iteration": t, "model": f"M{t}"}
+        row |= {key: ev.get(key) for key, _, _ in ctx.env.report_columns}
+        row |= {k: ev.get(k) for k in ("judge_pairwise_accuracy", "judge_five_best", "judge_exact_match",
+                                       "judge_spearman", "judge_kendall_tau", "eval_mean_tokens")}
+        row |= {"prompts": stages.get("prompts", {}).get("prompts")}
+        row |= {k: summary.get(k) for k in ("pairs", "tie_rate", "parse_failure_rate", "mean_chosen_tokens",
+                                            "mean_rejected_tokens")}
+        rows.append(row | {"samples": ev.get("samples", [])})
+    return rows
+
+
+def _stats(path: Path) -> dict:
+    f = path / "stats.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _report(ctx: Context) -> dict:
+    from .report import write_report
+
+    if not distributed.is_primary():
+        return {}
+    return write_report(report_rows(ctx), ctx.paths.root, ctx.cfg.name, ctx.env.report_columns)
+
+
+DATA = Stage("data", _data, writes=("data",), section="data", help="the environment's seed splits")
+SFT = Stage("sft", _sft, reads=("data",), writes=("M_next",), section="sft", help="SFT of M0 on IFT (+ EFT) -> M1")
+DPO = Stage("dpo", _dpo, reads=("M_t", "pairs"), writes=("M_next",), section="dpo",
+            help="DPO of M_t on its pairs -> M_{t+1}")
+EVAL = Stage("eval", _eval, reads=("M_next",), writes=("eval",), section="loop", per_model=True,
+             help="the environment's score and judge metrics of the model the iteration made")
+REPORT = Stage("report", _report, writes=("report",), help="table, plot, report.json and TensorBoard events")
+
+GRAPH = Graph(bootstrap=(DATA, SFT, EVAL),
+              iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, DPO, EVAL),
+              final=(REPORT,))

@@ -1,0 +1,215 @@
+"""The stage graph's parts: a `Stage` definition, the `Context` a stage runs in, and the resumable row map.
+
+A stage is one definition: its name, the artifacts it reads and writes (names resolved to paths of the run
+directory by `RunPaths.artifact`), its config section, and `run(ctx) -> stats`. The graph itself (which stages,
+in which order) is `jaxsr.pipeline.GRAPH`; the loop, the per-stage commands, the manifest and the report read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import artifacts, distributed
+
+log = logging.getLogger(__name__)
+
+# Where each stage runs: once at the start (iteration 0: seed data, SFT -> M1), in every self-rewarding
+# iteration t = 1 .. T-1 (M_t -> M_{t+1}), or once at the end.
+PHASES = ("bootstrap", "iteration", "final")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the graph.
+
+    Attributes:
+      name: unique in its phase; with the iteration it names the stage's manifest entry and random stream.
+      run: `run(ctx) -> stats dict` (or None); writes its outputs under `ctx.path(...)`.
+      reads / writes: artifact names (`RunPaths.artifact`); what the manifest hashes and the stage's inputs.
+      section: the config section the stage reads (documentation; `jaxsr <command> --help` names it).
+      command: the name of its stand-alone CLI command (`jaxsr <command> --iteration t`), if it has one.
+      per_model: the manifest key is `<name>/M{t+1}` (a stage about the model an iteration made) instead
+        of `iteration{t}/<name>`; bootstrap and final stages use their bare name.
+    """
+
+    name: str
+    run: Callable[["Context"], dict | None]
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    section: str | None = None
+    command: str | None = None
+    help: str = ""
+    per_model: bool = False
+
+    def key(self, phase: str, t: int) -> str:
+        if self.per_model:
+            return f"{self.name}/M{t + 1}"
+        return f"iteration{t}/{self.name}" if phase == "iteration" else self.name
+
+
+@dataclasses.dataclass
+class RunPaths:
+    root: Path
+
+    def data(self, split: str) -> Path:
+        return self.root / "data" / split
+
+    def model(self, t: int) -> Path:
+        return self.root / "models" / f"M{t}"
+
+    def stage(self, t: int, name: str) -> Path:
+        return self.root / f"iteration{t}" / name
+
+    def train(self, name: str) -> Path:
+        return self.root / "train" / name
+
+    def eval(self, t: int) -> Path:
+        return self.root / "eval" / f"M{t}.json"
+
+    def artifact(self, name: str, t: int) -> tuple[str, Path]:
+        """(display name, path) of an artifact as seen from iteration t: "M_t" is the model the iteration starts
+        from, "M_next" the one it makes, "eval" the evaluation of M_next; other names are iteration t's
+        stage outputs."""
+        if name == "data":
+            return "data", self.root / "data"
+        if name == "M_t":
+            return f"M{t}", self.model(t)
+        if name == "M_next":
+            return f"M{t + 1}", self.model(t + 1)
+        if name == "eval":
+            return "eval", self.eval(t + 1)
+        if name == "report":
+            return "report", self.root / "report.json"
+        return name, self.stage(t, name)
+
+
+# The stream numbers of the four data stages as they were first numbered; kept so results stay comparable.
+_LEGACY_STREAMS = ("prompts", "candidates", "judgements", "pairs")
+
+
+def stage_seed(run_seed: int, iteration: int, stage: str) -> int:
+    """The base seed of a stage's random stream, a function of (run seed, iteration, stage name) only."""
+    return (run_seed * 1_000_003 + iteration * 7919 + _LEGACY_STREAMS.index(stage) * 104_729) % (2**31)
+
+
+@dataclasses.dataclass
+class Context:
+    """What a stage sees: the config, the run's paths and mesh, the environment, the iteration, its models."""
+
+    cfg: Any
+    paths: RunPaths
+    mesh: Any
+    env: Any
+    t: int = 0
+    stage: Stage | None = None
+    _models: dict = dataclasses.field(default_factory=dict)
+
+    def at(self, stage: Stage, t: int) -> "Context":
+        return dataclasses.replace(self, stage=stage, t=t)
+
+    def path(self, artifact: str) -> Path:
+        return self.paths.artifact(artifact, self.t)[1]
+
+    def seed(self, stream: str | None = None) -> int:
+        return stage_seed(self.cfg.seed, self.t, stream or self.stage.name)
+
+    def policy(self, t: int | None = None):
+        """M_t (default: this iteration's) loaded onto the run's mesh; the last one loaded is kept."""
+        from .policy import load_policy
+
+        t = self.t if t is None else t
+        if t not in self._models:
+            self._models.clear()
+            self._models[t] = load_policy(self.paths.model(t), dtype=self.cfg.model.dtype, mesh=self.mesh)
+        return self._models[t]
+
+    def split(self, name: str):
+        """A seed split of run_dir/data as a datasets.Dataset, or None when the environment has none."""
+        p = self.paths.data(name)
+        return artifacts.read_dataset(p) if p.is_dir() else None
+
+
+def progress(total: int, *, initial: int = 0, desc: str, unit: str):
+    """A tqdm bar on process 0's terminal; nothing when stderr is not a terminal (a log file gets the stage
+    lines instead of redraws) or on the other processes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                disable=None if distributed.is_primary() else True, dynamic_ncols=True)
+
+
+def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]], *, chunk: int, rows_per_item: int,
+             desc: str, unit: str) -> int:
+    """Writes `fn(items[lo:hi], lo)` for consecutive chunks of `items` to a resumable dataset at `out_dir`.
+
+    Each chunk's rows (`rows_per_item` per item) are one committed shard, so a rerun after a kill skips the
+    chunks already on disk and redoes at most one. `fn` must depend on (chunk, lo) only, never on where a
+    run resumed. Returns the number of rows.
+    """
+    writer = artifacts.ShardedWriter(out_dir, shard_size=chunk * rows_per_item)
+    start = writer.done_rows() // rows_per_item
+    bar = progress(len(items), initial=start, desc=desc, unit=unit)
+    for lo in range(0, len(items), chunk):
+        hi = min(len(items), lo + chunk)
+        if hi <= start:
+            continue
+        rows = fn(items[lo:hi], lo)
+        if len(rows) != (hi - lo) * rows_per_item:
+            raise RuntimeError(f"{out_dir}: items {lo}..{hi - 1} gave {len(rows)} rows, expected "
+                               f"{(hi - lo) * rows_per_item}")
+        writer.extend(rows)
+        bar.update(hi - lo)
+    bar.close()
+    return writer.finalize()["num_rows"]
+
+
+def rows_of(path: Path) -> int | None:
+    """Rows of a finished dataset artifact (None for anything else), for the stage log lines."""
+    done = Path(path) / artifacts.COMPLETE
+    if done.is_file():
+        import json
+
+        return json.loads(done.read_text())["num_rows"]
+    return None
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """The stages of a run in order: `bootstrap` once (iteration 0), `iteration` for t = 1 .. T-1, `final` once."""
+
+    bootstrap: tuple[Stage, ...]
+    iteration: tuple[Stage, ...]
+    final: tuple[Stage, ...]
+
+    def __post_init__(self):
+        for phase in PHASES:
+            names = [s.name for s in getattr(self, phase)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"stage graph: duplicate stage names in {phase}: {names}")
+
+    def schedule(self, iterations: int):
+        """(phase, t, stage) in execution order for a run of M1 .. M_iterations."""
+        for s in self.bootstrap:
+            yield "bootstrap", 0, s
+        for t in range(1, iterations):
+            for s in self.iteration:
+                yield "iteration", t, s
+        for s in self.final:
+            yield "final", iterations, s
+
+    def insert(self, phase: str, stage: Stage, *, after: str) -> "Graph":
+        """A new graph with `stage` placed after the stage named `after` in `phase`."""
+        stages = list(getattr(self, phase))
+        names = [s.name for s in stages]
+        if after not in names:
+            raise ValueError(f"stage graph: no stage {after!r} in {phase} (stages: {', '.join(names)})")
+        stages.insert(names.index(after) + 1, stage)
+        return dataclasses.replace(self, **{phase: tuple(stages)})
+
+    def commands(self) -> dict[str, Stage]:
+        """The stages that have a stand-alone command, by command name."""
+        return {s.command: s for phase in PHASES for s in getattr(self, phase) if s.command}
