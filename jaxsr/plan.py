@@ -193,7 +193,7 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     import numpy as np
 
     from .policy import DTYPES
-    from .sample import bucket
+    from .data import bucket
 
     m, dtype = model_cfg, np.dtype(DTYPES[run_cfg.model.dtype])
     b = dtype.itemsize
@@ -224,7 +224,7 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     s = run_cfg.sample
     new = max(s.max_new_tokens, run_cfg.judge.max_new_tokens, run_cfg.prompts.max_new_tokens)
     # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
-    slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length)) + bucket(new)
+    slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length), fine=True) + bucket(new, fine=True)
     rows["sample"] = -(-s.max_batch_rows // dp)
     out["kv_cache"] = 2 * m.num_layers * rows["sample"] * slots * (m.num_kv_heads // t) * m.head_dim * b
     out["sample_logits"] = rows["sample"] * m.vocab_size * 4 // t

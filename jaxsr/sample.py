@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import distributed
+from .data import MIN_BUCKET, bucket
 from .model import decoder
 from .model.config import ModelConfig
 from .model.sharding import ShardingRules, batch_multiple, batch_sharding, replicated
 from .policy import DTYPES, Policy, param_shardings
 
-MIN_BUCKET = 16
 DEFAULT_MAX_BATCH_ROWS = 256
 ROUND = 2  # top-p proposals tested together in one pass over the logits (see _draw_nucleus)
 PROPOSALS = 4 * ROUND  # top-p proposals per step before the exact fallback
@@ -419,21 +419,6 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _
 
 # --- host side ---------------------------------------------------------------------------------------------
 
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest of minimum * {1, 1.5, 2, 3, 4, 6, ...} (powers of two and their halfway points) >= n.
-
-    Half-octave steps waste at most a third of the cache while keeping the number of compiled shapes
-    logarithmic in the lengths seen.
-    """
-    b = minimum
-    while True:
-        if b >= n:
-            return b
-        if b * 3 // 2 >= n:
-            return b * 3 // 2
-        b *= 2
-
-
 def _batch_bucket(rows: int, multiple: int, cap: int) -> int:
     """Rows rounded up to a power of two (at most `cap`), then to a multiple of the data-parallel size."""
     b = min(1 << max(0, math.ceil(math.log2(rows))), max(cap, rows))
@@ -532,7 +517,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     knobs = _Knobs(np.float32(max(float(temperature), 1e-30)), np.float32(top_p), np.int32(top_k),
                    np.int32(max_new_tokens), np.int32(pad_id), eos_E)
     seed_key_2 = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    new_bucket = bucket(max_new_tokens)
+    new_bucket = bucket(max_new_tokens, fine=True)
     multiple = batch_multiple(policy.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
@@ -615,7 +600,7 @@ def _programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: _M
 
 
 def _chunk_shape(ids, chunk, multiple: int, cap: int) -> tuple[int, int]:
-    return _batch_bucket(len(chunk), multiple, cap), bucket(max(len(ids[i]) for i, _ in chunk))
+    return _batch_bucket(len(chunk), multiple, cap), bucket(max(len(ids[i]) for i, _ in chunk), fine=True)
 
 
 def _run_chunk(policy: Policy, layer_params, ids, chunk, *, multiple, cap, new_bucket, mode, knobs, seed_key_2):

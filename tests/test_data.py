@@ -169,15 +169,13 @@ def _naive_bucket(n, *, cap=None, half_octaves=False):
 
 
 def test_bucket_sequences_of_every_caller_are_unchanged():
-    from jaxsr import sample
-
     ns = range(1, 2001)
     # data: _microbatches / _pair_microbatches (cap = max_length, or the prompt bucket), _shared_prompt (fine).
     for cap in (8, 16, 24, 63, 64, 100, 512, 1000, 1024, 2000, 4096):
         assert [data.bucket(n, cap) for n in ns] == [_naive_bucket(n, cap=cap) for n in ns]
         assert [data.bucket(n, cap, fine=True) for n in ns] == [_naive_bucket(n, cap=cap, half_octaves=True) for n in ns]
-    # sample: prompt and new-token buckets; plan: the KV-cache slots (both uncapped).
-    assert [sample.bucket(n) for n in ns] == [_naive_bucket(n, half_octaves=True) for n in ns]
+    # sample: prompt and new-token buckets; plan: the KV-cache slots (both uncapped, fine).
+    assert [data.bucket(n, fine=True) for n in ns] == [_naive_bucket(n, half_octaves=True) for n in ns]
 
 
 def test_shared_prompt_rows_hold_prompt_chosen_rejected(tok):
