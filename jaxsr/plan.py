@@ -112,17 +112,14 @@ def local_accelerator() -> str:
 
 
 def mesh_sizes(mesh_cfg, devices: int, embed_dim: int) -> dict[str, int]:
-    """The (data, fsdp, tensor) sizes `MeshConfig.build` would choose on `devices` devices, without any devices."""
-    if mesh_cfg.data is None and mesh_cfg.fsdp is None and mesh_cfg.tensor is None:
-        fsdp = math.gcd(devices, embed_dim)  # as sharding.default_mesh
-        return {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
-    sizes = {"data": -1 if mesh_cfg.data is None else mesh_cfg.data, "fsdp": mesh_cfg.fsdp or 1, "tensor": mesh_cfg.tensor or 1}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {k: (devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != devices or min(sizes.values()) < 1:
-        raise ValueError(f"mesh {dataclasses.asdict(mesh_cfg)} does not fit {devices} devices (got {sizes}); "
-                         f"pass --devices a multiple of {fixed}")
-    return sizes
+    """The (data, fsdp, tensor) sizes the run's mesh would have on `devices` devices, without any devices."""
+    from .model.sharding import ShardingError, mesh_axis_sizes
+
+    try:
+        return mesh_axis_sizes(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices, embed_dim)
+    except ShardingError as e:
+        raise ValueError(f"mesh {dataclasses.asdict(mesh_cfg)} does not fit {devices} devices ({e}); "
+                         f"pass --devices a multiple of {default_devices(mesh_cfg)}") from None
 
 
 def default_devices(mesh_cfg) -> int:
