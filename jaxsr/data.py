@@ -282,16 +282,17 @@ def fingerprint(items: Sequence[Example | Pair]) -> str:
 
 # --- order --------------------------------------------------------------------------------------------------
 
-def bucket(n: int, cap: int, min_bucket: int = MIN_BUCKET, *, fine: bool = False) -> int:
-    """The padded length for n tokens: a power of two (at least min_bucket), never above cap (if n fits).
+def bucket(n: int, cap: int | None = None, min_bucket: int = MIN_BUCKET, *, fine: bool = False) -> int:
+    """The padded length for n tokens (training rows and the sampler's prompts and new tokens alike): a power
+    of two (at least min_bucket), never above cap (when given and n fits).
 
     fine: also 1.5 times a power of two (16, 24, 32, 48, 64, 96, ...): at most a third of a row is padding,
-    for twice the number of shapes to compile.
+    for twice the number of shapes to compile (still logarithmic in the lengths seen).
     """
     b = max(min_bucket, 1 << max(n - 1, 0).bit_length())
     if fine and b >= 2 * min_bucket and n <= 3 * b // 4:
         b = 3 * b // 4
-    return max(n, min(b, cap))
+    return b if cap is None else max(n, min(b, cap))
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -112,17 +112,14 @@ def local_accelerator() -> str:
 
 
 def mesh_sizes(mesh_cfg, devices: int, embed_dim: int) -> dict[str, int]:
-    """The (data, fsdp, tensor) sizes `MeshConfig.build` would choose on `devices` devices, without any devices."""
-    if mesh_cfg.data is None and mesh_cfg.fsdp is None and mesh_cfg.tensor is None:
-        fsdp = math.gcd(devices, embed_dim)  # as sharding.default_mesh
-        return {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
-    sizes = {"data": -1 if mesh_cfg.data is None else mesh_cfg.data, "fsdp": mesh_cfg.fsdp or 1, "tensor": mesh_cfg.tensor or 1}
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {k: (devices // fixed if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(sizes.values()) != devices or min(sizes.values()) < 1:
-        raise ValueError(f"mesh {dataclasses.asdict(mesh_cfg)} does not fit {devices} devices (got {sizes}); "
-                         f"pass --devices a multiple of {fixed}")
-    return sizes
+    """The (data, fsdp, tensor) sizes the run's mesh would have on `devices` devices, without any devices."""
+    from .model.sharding import ShardingError, mesh_axis_sizes
+
+    try:
+        return mesh_axis_sizes(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices, embed_dim)
+    except ShardingError as e:
+        raise ValueError(f"mesh {dataclasses.asdict(mesh_cfg)} does not fit {devices} devices ({e}); "
+                         f"pass --devices a multiple of {default_devices(mesh_cfg)}") from None
 
 
 def default_devices(mesh_cfg) -> int:
@@ -193,7 +190,7 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     import numpy as np
 
     from .policy import DTYPES
-    from .sample import bucket
+    from .data import bucket
 
     m, dtype = model_cfg, np.dtype(DTYPES[run_cfg.model.dtype])
     b = dtype.itemsize
@@ -224,7 +221,7 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     s = run_cfg.sample
     new = max(s.max_new_tokens, run_cfg.judge.max_new_tokens, run_cfg.prompts.max_new_tokens)
     # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
-    slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length)) + bucket(new)
+    slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length), fine=True) + bucket(new, fine=True)
     rows["sample"] = -(-s.max_batch_rows // dp)
     out["kv_cache"] = 2 * m.num_layers * rows["sample"] * slots * (m.num_kv_heads // t) * m.head_dim * b
     out["sample_logits"] = rows["sample"] * m.vocab_size * 4 // t

@@ -159,6 +159,25 @@ def test_buckets_are_powers_of_two_capped_at_max_length():
     assert fine == [16, 16, 24, 24, 32, 48, 48, 64, 96, 96, 128, 192, 256, 1000]
 
 
+def _naive_bucket(n, *, cap=None, half_octaves=False):
+    """The buckets as they were before data.bucket and sample.bucket shared one definition, written out as a
+    list: 16 x powers of two (data.bucket), with their halfway points 24 x powers of two (data.bucket(fine=True),
+    sample.bucket); data.bucket never goes above cap unless n itself does."""
+    sizes = sorted([16 << k for k in range(12)] + ([24 << k for k in range(12)] if half_octaves else []))
+    b = next(s for s in sizes if s >= n)
+    return b if cap is None else max(n, min(b, cap))
+
+
+def test_bucket_sequences_of_every_caller_are_unchanged():
+    ns = range(1, 2001)
+    # data: _microbatches / _pair_microbatches (cap = max_length, or the prompt bucket), _shared_prompt (fine).
+    for cap in (8, 16, 24, 63, 64, 100, 512, 1000, 1024, 2000, 4096):
+        assert [data.bucket(n, cap) for n in ns] == [_naive_bucket(n, cap=cap) for n in ns]
+        assert [data.bucket(n, cap, fine=True) for n in ns] == [_naive_bucket(n, cap=cap, half_octaves=True) for n in ns]
+    # sample: prompt and new-token buckets; plan: the KV-cache slots (both uncapped, fine).
+    assert [data.bucket(n, fine=True) for n in ns] == [_naive_bucket(n, half_octaves=True) for n in ns]
+
+
 def test_shared_prompt_rows_hold_prompt_chosen_rejected(tok):
     recs = [{"prompt": f"question {i}", "chosen": "yes " * (i + 1), "rejected": "no " * (3 - i), "ref_chosen_logps": -1.0,
              "ref_rejected_logps": -2.0} for i in range(3)]

@@ -12,6 +12,7 @@ import jaxsr
 from jaxsr.cli import main as cli_main
 from jaxsr.model import ConfigError, ModelConfig, ShardingError, from_hf_dict, make_mesh, to_hf_dict
 from jaxsr.model.hf import WeightError
+from jaxsr.model.sharding import mesh_axis_sizes, mesh_from_sizes
 
 FAMILIES = ["llama2", "llama3", "llama_linear_bias", "mistral", "qwen2", "qwen3"]
 
@@ -313,6 +314,33 @@ def test_missing_tensor(model_copy):
 def test_mesh_size_not_device_count():
     with pytest.raises(ShardingError, match="3 devices, but there are 8"):
         make_mesh(data=3, fsdp=1, tensor=1)
+
+
+# (data, fsdp, tensor, embed_dim) of a `mesh:` section (None = unset) -> sizes on 8 devices, worked out by hand.
+MESH_SECTIONS = [
+    ((None, None, None, 64), {"data": 1, "fsdp": 8, "tensor": 1}),  # unset: FSDP over gcd(8, 64)
+    ((None, None, None, 12), {"data": 2, "fsdp": 4, "tensor": 1}),  # gcd(8, 12) = 4
+    ((None, None, None, 7), {"data": 8, "fsdp": 1, "tensor": 1}),
+    ((None, 2, None, 64), {"data": 4, "fsdp": 2, "tensor": 1}),  # data: the rest; tensor: 1
+    ((None, None, 2, 64), {"data": 4, "fsdp": 1, "tensor": 2}),
+    ((1, -1, 2, 64), {"data": 1, "fsdp": 4, "tensor": 2}),
+    ((-1, 2, 2, 64), {"data": 2, "fsdp": 2, "tensor": 2}),
+]
+
+
+@pytest.mark.parametrize("section,want", MESH_SECTIONS)
+def test_mesh_from_sizes_and_mesh_axis_sizes_agree(section, want):
+    data, fsdp, tensor, embed_dim = section
+    assert mesh_axis_sizes(data, fsdp, tensor, 8, embed_dim) == want
+    assert dict(mesh_from_sizes(data, fsdp, tensor, embed_dim).shape) == want
+
+
+@pytest.mark.parametrize("section", [(2, None, None), (None, 3, None), (-1, -1, 2)])
+def test_mesh_sections_that_do_not_fit(section):
+    with pytest.raises(ShardingError, match="8 devices|at most one axis"):
+        mesh_axis_sizes(*section, 8, 64)
+    with pytest.raises(ShardingError, match="8 devices|at most one axis"):
+        mesh_from_sizes(*section, 64)
 
 
 def test_mesh_axis_does_not_divide_tensor(fixtures_dir):

@@ -81,7 +81,7 @@ def test_plan_memory_hand_calculation():
     assert two["rows_per_device"]["dpo"] == 2
     assert two["bytes"]["dpo_activations"] == 2 * 32 * (2 * b * 64 + every)
     assert two["bytes"]["dpo_logits"] == 2 * 2 * 32 * 100 * 4 // 2
-    # KV: 8 rows / 4 = 2 rows per device; slots = bucket(32) + bucket(16) = 48; kv heads 2 / tensor 2.
+    # KV: 8 rows / 4 = 2 rows per device; slots = bucket(32) + bucket(16), fine = 48; kv heads 2 / tensor 2.
     assert p["kv_slots"] == 48
     assert bt["kv_cache"] == 2 * 2 * 2 * 48 * 1 * 16 * b == 24576
     train = bt["params"] + bt["optimizer"] + bt["gradients"] + bt["gathered_weights"]

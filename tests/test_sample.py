@@ -1,4 +1,4 @@
-"""The sampler against transformers' greedy decoding, a naive full-forward decoder and numpy distributions.
+"""The sampler against transformers' greedy decoding and a naive full-forward decoder.
 
 Compile time dominates on CPU, so the tests share a few shapes: prompts of <= 16 tokens with max_new_tokens
 <= 20 (bucket 16 x 32) on the default 8-device mesh (batch 8 or 16), plus one long-prompt batch.
@@ -13,7 +13,7 @@ import pytest
 from jaxsr import load_policy, make_mesh
 from jaxsr.chat import chat_token_ids, render_user_turn
 from jaxsr.policy import forward_logits
-from jaxsr.sample import Completion, generate, sample_tokens
+from jaxsr.sample import Completion, generate
 
 FAMILIES = ["llama2", "llama3", "llama_linear_bias", "mistral", "qwen2", "qwen3"]
 # A ragged batch from 1 token to 100 (bucket 128); SHORT stays in the 16-token bucket of the fixture prompts.
@@ -205,62 +205,6 @@ def test_sampled_logprobs_are_the_unmodified_model_distribution(sharded_vs_singl
     want = naive_logprobs(policy, prompts, completions)
     for got, w in zip([c.logprobs for x in out for c in x], want):
         np.testing.assert_allclose(got, w, atol=1e-5, rtol=0)
-
-
-# ------------------------------------------------------------------ the sampling distribution
-
-
-def reference_distribution(logits, temperature, top_k, top_p):
-    """The target distribution in float64, written independently of the sampler (no bisection, no CDF)."""
-    logits = np.asarray(logits, np.float64)
-    keep = np.ones(len(logits), bool)
-    if top_k:
-        keep &= logits >= np.sort(logits)[::-1][top_k - 1]
-    p = np.where(keep, np.exp((logits - logits.max()) / temperature), 0.0)
-    if top_p < 1:
-        total = p.sum()
-        keep &= np.array([p[p > q].sum() < top_p * total for q in p])  # mass strictly above each token
-        p = np.where(keep, p, 0.0)
-    return p / p.sum()
-
-
-# 40 tokens = 3 CDF blocks; exact ties at 1.5 (three tokens) straddle the top-p cut of case "top_p".
-LOGITS = np.round(np.random.RandomState(0).normal(0, 1.5, 40), 1)
-LOGITS[[3, 17, 29]] = 1.5
-CASES = {
-    "temperature": (0.7, 0, 1.0),
-    "top_k": (1.0, 7, 1.0),
-    "top_p": (1.3, 0, float(reference_distribution(LOGITS, 1.3, 0, 1.0)[LOGITS > 1.5].sum() + 0.03)),
-    "top_k_top_p": (0.8, 20, 0.8),
-    "tiny_top_p_flat": (50.0, 0, 0.04),  # most proposals rejected: exercises the exact bisection fallback
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_sampling_distribution_matches_numpy(case):
-    temperature, top_k, top_p = CASES[case]
-    n = 200_000
-    want = reference_distribution(LOGITS, temperature, top_k, top_p)
-    draw = jax.jit(lambda l, k: sample_tokens(l, k, temperature=temperature, top_p=top_p, top_k=top_k))
-    tokens = np.asarray(draw(np.tile(LOGITS.astype(np.float32), (n, 1)), jax.random.split(jax.random.key(11), n)))
-    got = np.bincount(tokens, minlength=len(LOGITS)) / n
-    assert got[want == 0].sum() == 0, "a token outside the top-k / top-p truncation was sampled"
-    # With 200k draws the empirical total variation to the true distribution is ~0.003 (sum over tokens of
-    # sqrt(p(1-p)/n)/2 for these ~10-40 tokens); 0.01 is > 3x that, while a wrong cut or temperature moves
-    # at least one token's mass by a few percent.
-    assert 0.5 * np.abs(got - want).sum() < 0.01, (got, want)
-
-
-def test_ties_at_the_top_p_threshold_are_all_kept():
-    want = reference_distribution(LOGITS, *CASES["top_p"])
-    assert np.all(want[LOGITS == 1.5] > 0) and np.all(want[LOGITS < 1.5] == 0)
-
-
-def test_greedy_is_argmax():
-    logits = np.random.RandomState(1).normal(size=(64, 40)).astype(np.float32)
-    logits[0, [4, 9]] = 10.0  # a tie: the first index wins, as np.argmax
-    keys = jax.random.split(jax.random.key(0), 64)
-    np.testing.assert_array_equal(sample_tokens(logits, keys, temperature=0.0), logits.argmax(-1))
 
 
 # ------------------------------------------------------------------ bad input

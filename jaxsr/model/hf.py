@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ..distributed import to_host
 from .config import ModelConfig, to_hf_dict
 from .decoder import Params, param_logical_axes, param_shapes
 from .sharding import DEFAULT_RULES, ShardingRules, named_sharding
@@ -199,23 +200,16 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, mesh, dtype, rules: Sha
     return out
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def iter_hf_tensors(params: Params, cfg: ModelConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array) for every tensor, one layer at a time so host memory stays at one tensor."""
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
-    yield hf_name("embed", None), cast(_to_host(params["embed"]))
+    yield hf_name("embed", None), cast(to_host(params["embed"]))
     for i in range(cfg.num_layers):
         for name, arr in params["layers"].items():
-            yield hf_name(name, i), cast(to_hf(name, _to_host(arr[i])))
-    yield hf_name("final_norm", None), cast(_to_host(params["final_norm"]))
+            yield hf_name(name, i), cast(to_hf(name, to_host(arr[i])))
+    yield hf_name("final_norm", None), cast(to_host(params["final_norm"]))
     if not cfg.tie_word_embeddings:
-        yield hf_name("lm_head", None), cast(to_hf("lm_head", _to_host(params["lm_head"])))
+        yield hf_name("lm_head", None), cast(to_hf("lm_head", to_host(params["lm_head"])))
 
 
 def save_hf_weights(params: Params, cfg: ModelConfig, out_dir: str | Path, *, dtype=None,

@@ -73,12 +73,9 @@ def named_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[in
     return NamedSharding(mesh, spec)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 for "the rest"."""
-    all_devices = devices is None
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+def _resolve_sizes(sizes: dict[str, int], n: int, where: str) -> dict[str, int]:
+    """`sizes` with its -1 (at most one) replaced by the rest of the `n` devices; their product must be n."""
+    sizes = dict(sizes)
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ShardingError(f"mesh sizes {sizes}: at most one axis may be -1")
@@ -86,8 +83,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     if bad:
         raise ShardingError(f"mesh sizes {bad} must be positive or -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
-    where = f"{n} devices" if not all_devices or jax.process_count() == 1 else (
-        f"{n} devices ({jax.process_count()} processes x {jax.local_device_count()} devices each)")
     if free:
         if n % fixed:
             raise ShardingError(f"mesh sizes {sizes}: the {where} are not divisible by {fixed}")
@@ -95,6 +90,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     if math.prod(sizes.values()) != n:
         raise ShardingError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
                             f"{math.prod(sizes.values())} devices, but there are {where}")
+    return sizes
+
+
+def _where(n: int, all_devices: bool) -> str:
+    if not all_devices or jax.process_count() == 1:
+        return f"{n} devices"
+    return f"{n} devices ({jax.process_count()} processes x {jax.local_device_count()} devices each)"
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 for "the rest"."""
+    all_devices = devices is None
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = _resolve_sizes({"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}, len(devices),
+                           _where(len(devices), all_devices))
     if jax.process_count() > 1:
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices=devices)
@@ -103,15 +113,37 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     return Mesh(grid, MESH_AXES)
 
 
-def default_mesh(embed_dim: int, devices: Sequence | None = None) -> Mesh:
-    """FSDP over as many devices as divide the model dimension, data parallel over the rest.
+def _axis_sizes(data: int | None, fsdp: int | None, tensor: int | None, n: int, embed_dim: int,
+                where: str) -> dict[str, int]:
+    if data is None and fsdp is None and tensor is None:
+        # gcd(devices, embed_dim) divides both, so every supported model loads on any device count; tensor
+        # parallelism (which needs heads to divide) is opt-in through the config.
+        fsdp = math.gcd(n, int(embed_dim))
+        return {"data": n // fsdp, "fsdp": fsdp, "tensor": 1}
+    return _resolve_sizes({"data": -1 if data is None else int(data), "fsdp": int(fsdp or 1), "tensor": int(tensor or 1)},
+                          n, where)
 
-    gcd(devices, embed_dim) always divides both, so every supported model loads on any device count;
-    tensor parallelism (which needs heads to divide) is opt-in through the config.
+
+def mesh_axis_sizes(data: int | None, fsdp: int | None, tensor: int | None, devices: int,
+                    embed_dim: int) -> dict[str, int]:
+    """The {data, fsdp, tensor} sizes `mesh_from_sizes` picks on `devices` devices, computed without any devices.
+
+    All three unset: FSDP over gcd(devices, embed_dim), data parallel over the rest. Otherwise an unset data
+    is the rest of the devices (-1) and an unset fsdp or tensor is 1.
     """
+    return _axis_sizes(data, fsdp, tensor, devices, embed_dim, f"{devices} devices")
+
+
+def mesh_from_sizes(data: int | None, fsdp: int | None, tensor: int | None, embed_dim: int,
+                    devices: Sequence | None = None) -> Mesh:
+    """The mesh of a config's `mesh:` section (None = unset) over `devices` (default: all); see `mesh_axis_sizes`."""
     n = len(jax.devices() if devices is None else devices)
-    fsdp = math.gcd(n, int(embed_dim))
-    return make_mesh(data=n // fsdp, fsdp=fsdp, tensor=1, devices=devices)
+    return make_mesh(**_axis_sizes(data, fsdp, tensor, n, embed_dim, _where(n, devices is None)), devices=devices)
+
+
+def default_mesh(embed_dim: int, devices: Sequence | None = None) -> Mesh:
+    """FSDP over as many devices as divide the model dimension, data parallel over the rest."""
+    return mesh_from_sizes(None, None, None, embed_dim, devices)
 
 
 def batch_multiple(mesh: Mesh) -> int:
