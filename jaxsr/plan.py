@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 GiB = 2**30
@@ -60,7 +59,7 @@ def resolve_model(run_cfg):
 
     path = run_cfg.model.path
     if not path:
-        return _from_scratch(run_cfg.model), f"model.architecture (tokenizer {run_cfg.model.tokenizer})"
+        return _from_scratch(run_cfg), f"model.architecture (tokenizer {run_cfg.model.tokenizer})"
     p = Path(path).expanduser()
     if (p / JAXSR_MODEL_FILE).is_file():
         return ModelConfig.from_dict(json.loads((p / JAXSR_MODEL_FILE).read_text())["model"]), str(p)
@@ -78,14 +77,15 @@ def resolve_model(run_cfg):
                      f"download it (huggingface-cli download {path} config.json) or use one of: {', '.join(sorted(KNOWN_ARCHITECTURES))}")
 
 
-def _from_scratch(section):
-    """The random M0 the loop builds when model.path is empty (as loop._initial_policy): vocabulary from the tokenizer."""
+def _from_scratch(run_cfg):
+    """The random M0 the loop builds when model.path is empty (pipeline.initial_policy): vocabulary from the tokenizer."""
     from transformers import AutoTokenizer
 
+    from .envs import from_config
     from .model.config import ModelConfig
-    from .world import load_tokenizer
 
-    tok = load_tokenizer() if section.tokenizer == "world" else AutoTokenizer.from_pretrained(section.tokenizer)
+    section = run_cfg.model
+    tok = from_config(run_cfg).tokenizer() if section.tokenizer == "env" else AutoTokenizer.from_pretrained(section.tokenizer)
     a = section.architecture
     return ModelConfig(model_type=a.model_type, vocab_size=len(tok), hidden_size=a.hidden_size,
                        intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
@@ -265,47 +265,3 @@ def format_plan(p: dict, source: str) -> str:
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"\nverdict: {verdict} (peak {p['peak'] / GiB:.2f} GiB of {p['usable_bytes'] / GiB:.1f} GiB usable per device)")
     return "\n".join(lines)
-
-
-def cmd_plan(args) -> int:
-    from .config import load_config
-
-    run_cfg = load_config(args.config, args.overrides)
-    model_cfg, source = resolve_model(run_cfg)
-    accelerator = args.accelerator or getattr(run_cfg.mesh, "accelerator", "") or local_accelerator()
-    devices = args.devices or default_devices(run_cfg.mesh)
-    p = plan_memory(model_cfg, run_cfg, devices=devices, accelerator=accelerator)
-    p["source"] = source
-    print(json.dumps(p, indent=2) if args.json else format_plan(p, source))
-    if not args.devices and not args.json:
-        print(f"(planned for {devices} devices, the fewest the mesh allows; pass --devices N for a larger slice)")
-    return 0 if p["fits"] else EXIT_DOES_NOT_FIT
-
-
-def register_cli(sub, add_config_args) -> None:
-    p = sub.add_parser("plan", help="per-device memory of a config on an accelerator; exit 0 if it fits, 3 if not")
-    p.add_argument("--accelerator", choices=sorted(ACCELERATORS_GIB) + ["cpu"],
-                   help="device type (default: mesh.accelerator if the config has it, else this host's device)")
-    p.add_argument("--devices", type=int, help="number of devices (default: the fewest the configured mesh allows)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    add_config_args(p)
-    p.set_defaults(fn=cmd_plan)
-
-
-def main(argv=None) -> int:
-    """`python -m jaxsr.plan ...`, the same as `jaxsr plan ...`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="jaxsr")
-    sub = ap.add_subparsers(dest="command")
-    register_cli(sub, lambda p: (p.add_argument("--config"), p.add_argument("overrides", nargs="*")))
-    args = ap.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxsr plan: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxsr import plan
+from jaxsr.cli import main as cli_main
 from jaxsr.config import load_config
 from jaxsr.model import decoder
 from jaxsr.model.config import ModelConfig, from_hf_dict, to_hf_dict
@@ -179,17 +180,17 @@ def test_model_resolution(tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_is_plannable(config, capsys):
-    rc = plan.main(["--config", str(config)])
+    rc = cli_main(["plan", "--config", str(config)])
     out = capsys.readouterr().out
     assert rc in (0, plan.EXIT_DOES_NOT_FIT) and "verdict: " in out and "peak dpo" in out
     assert ("DOES NOT FIT" in out) == (rc == plan.EXIT_DOES_NOT_FIT)
-    rc = plan.main(["--config", str(config), "--json", "--accelerator", "h200"])
+    rc = cli_main(["plan", "--config", str(config), "--json", "--accelerator", "h200"])
     p = json.loads(capsys.readouterr().out)
     assert rc == (0 if p["fits"] else plan.EXIT_DOES_NOT_FIT) and p["peak"] == max(p["peaks"].values())
 
 
 def test_cli_exit_codes():
-    cmd = [sys.executable, "-m", "jaxsr.plan", "--config", str(PAPER)]
+    cmd = [sys.executable, "-m", "jaxsr.cli", "plan", "--config", str(PAPER)]
     fits = subprocess.run(cmd + ["--accelerator", "tpu-v5p", "--devices", "64"], capture_output=True, text=True, cwd=REPO)
     assert fits.returncode == 0, fits.stderr
     assert "verdict: FITS" in fits.stdout and "68,976,648,192 parameters" in fits.stdout
