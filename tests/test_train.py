@@ -19,9 +19,9 @@ import pytest
 import jaxsr
 from jaxsr import data, objectives, train, train_state
 from jaxsr.config import DpoSection, SftSection
-from jaxsr.losses import dpo_objective, sft_loss
 from jaxsr.model import decoder, make_mesh
 from jaxsr.model.sharding import batch_sharding
+from test_losses import np_dpo_objective  # the float64 numpy reference of the DPO objective
 
 LLAMA3 = Path(__file__).parent / "fixtures" / "hf" / "llama3"  # 4 heads, 2 kv heads: tensor-parallel over 2 works
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "lemon", "candle", "window", "garden", "silver", "forest"]
@@ -148,14 +148,13 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_dpo_metrics_equal_losses_dpo_objective():
-    """Without padding rows, the step's weighted objective is exactly losses.dpo_objective (TRL names)."""
+def test_dpo_metrics_equal_the_reference_objective():
+    """The step's weighted objective is the batch-mean reference of tests/test_losses.py (TRL names)."""
     pol, pairs, _, metrics = step_grads("sigmoid", 1)
     c = np.array([float(naive_seq_logp(pol.params, pol.config, p.prompt, p.chosen)) for p in pairs])
     r = np.array([float(naive_seq_logp(pol.params, pol.config, p.prompt, p.rejected)) for p in pairs])
     ref = np.array([p.ref_logps for p in pairs])
-    loss, want = dpo_objective(c, r, ref[:, 0], ref[:, 1], np.array([len(p.chosen) for p in pairs]),
-                               beta=0.1, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=0.5)
+    want = np_dpo_objective(c, r, ref[:, 0], ref[:, 1], np.array([len(p.chosen) for p in pairs]), 0.1, 0.1, 0.5)
     assert set(want) <= set(metrics)
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
@@ -200,14 +199,46 @@ def test_sft_target_logps_packed_equal_unpacked_equal_forward(policy1):
     # A packed row's summed log-prob is the sum of its examples' (attention never crosses segments).
     want = np.array([sum(float(lp_flat[i]) for i in row) for row in packed_rows])
     np.testing.assert_allclose(lp_packed, want, rtol=2e-6)
-    # And the unpacked loss is losses.sft_loss on full, shifted forward logits with a response mask.
-    logits = decoder.forward(policy1.params, cfg, jnp.asarray(flat["ids"]), jnp.asarray(flat["mask"]))
+    # And the trainer's SFT loss is the token-mean response NLL of full, shifted forward logits (float64 numpy).
+    logits = np.asarray(decoder.forward(policy1.params, cfg, jnp.asarray(flat["ids"]), jnp.asarray(flat["mask"])),
+                        np.float64)[:, :-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     response = np.zeros(flat["ids"].shape, bool)
     for i, ex in enumerate(exs):
         response[i, len(ex.prompt):ex.length] = True
-    nll, n = sft_loss(logits[:, :-1], flat["ids"][:, 1:], response[:, 1:])
-    assert int(n) == int(np.sum(n_flat))
-    np.testing.assert_allclose(-np.sum(lp_flat) / np.sum(n_flat), nll, rtol=2e-6)
+    target_logp = np.take_along_axis(logp, flat["ids"][:, 1:, None], axis=-1)[..., 0]
+    n = response[:, 1:].sum()
+    assert n == int(np.sum(n_flat))
+    nll, _ = objectives.sft_loss(policy1.params, flat, None, jnp.float32(n), None, fwd=lambda p, rows, rng: fwd(p, rows))
+    np.testing.assert_allclose(nll, -target_logp[response[:, 1:]].sum() / n, rtol=2e-6)
+
+
+def test_a_custom_objective_runs_through_the_unchanged_step_builder(policy1):
+    """An Objective defined here (3x SFT's summed NLL, averaged over examples instead of tokens) needs no edit to
+    train.make_step_fns: its gradient is SFT's times 3 x (response tokens / examples)."""
+    section = SftSection(batch_size=4, grad_accum=2, dropout=0.0, max_length=64)
+    sft = objectives.sft_objective(section)
+
+    def tripled(params, mb, rng, denom, ref_params, *, fwd):
+        loss = 3 * objectives.sft_loss(params, mb, rng, denom, ref_params, fwd=fwd)[0]
+        return loss, {"loss": loss}
+
+    per_example = objectives.Objective(
+        "sft_per_example", section, objectives.STEP_FIELDS, tripled, tokenize=sft.tokenize, batches=sft.batches,
+        normaliser=lambda b: (b["target_mask"].sum(-1) > 0).sum())  # rows with a response: [A, b, R] -> count
+    exs = sft.tokenize(policy1.tokenizer, sft_records(4))
+    batch = sft.batches(exs, multiple=1, pad_id=policy1.pad_token_id)([[0], [1], [2], [3]])
+    tx, schedule = train_state.make_optimizer(section, 10)
+    grads = {}
+    for obj in (sft, per_example):
+        _, grads_fn, _ = train.make_step_fns(obj, policy1.config, policy1.mesh, tx, schedule)
+        grads[obj.name] = jax.jit(grads_fn)(policy1.params, batch, None, None)[0]
+    scale = 3 * batch["target_mask"].sum() / 4
+    for (path, g), want in zip(jax.tree_util.tree_flatten_with_path(grads["sft_per_example"])[0],
+                               jax.tree.leaves(grads["sft"])):
+        want = scale * np.asarray(want)
+        assert np.abs(np.asarray(g) - want).max() <= 1e-6 * np.abs(want).max(), jax.tree_util.keystr(path)
 
 
 # --- sharding -----------------------------------------------------------------------------------------------
