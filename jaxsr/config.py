@@ -174,7 +174,8 @@ class SampleSection:
 
 @dataclasses.dataclass
 class TrainSection:
-    """One training stage (SFT or DPO). Paper defaults are set per stage in JaxsrConfig.
+    """The keys every training stage has (SftSection and DpoSection add their own). Paper defaults are set per
+    stage in JaxsrConfig.
 
     Attributes:
       lr / final_lr: peak learning rate and the rate the schedule decays to at the last step.
@@ -185,12 +186,6 @@ class TrainSection:
       max_length: tokens per example (prompt + response); longer responses are truncated or dropped.
       overlong: truncate (the response, never the prompt) or drop.
       checkpoint_every / keep_checkpoints: step-checkpoint cadence and retention.
-      packing: SFT only: pack several examples into each row of max_length tokens (attention stays within
-        each example); batch_size then counts rows.
-      shared_prompt: DPO only: lay each pair out as one row, prompt + chosen + rejected, with the rejected
-        response attending to the prompt but not to the chosen one; the prompt's forward and backward
-        pass then run once per pair instead of twice. The same loss and gradient as two rows per pair
-        (up to float rounding); false: two rows.
     """
 
     lr: float = 5.5e-6
@@ -211,14 +206,6 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     seed: int = 0
-    packing: bool = False
-    # DPO only
-    shared_prompt: bool = True
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0
-    reference: str = "precomputed"
 
     def validate(self, section: str):
         _positive(f"{section}.lr", self.lr)
@@ -234,14 +221,51 @@ class TrainSection:
         _choice(f"{section}.overlong", self.overlong, ("truncate", "drop"))
         _positive(f"{section}.checkpoint_every", self.checkpoint_every)
         _positive(f"{section}.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclasses.dataclass
+class SftSection(TrainSection):
+    """Supervised fine-tuning (the `sft` section).
+
+    Attributes:
+      packing: pack several examples into each row of max_length tokens (attention stays within each example);
+        batch_size then counts rows.
+    """
+
+    packing: bool = False
+
+
+@dataclasses.dataclass
+class DpoSection(TrainSection):
+    """DPO-family preference training (the `dpo` section).
+
+    Attributes:
+      shared_prompt: lay each pair out as one row, prompt + chosen + rejected, with the rejected response
+        attending to the prompt but not to the chosen one; the prompt's forward and backward pass then run once
+        per pair instead of twice. The same loss and gradient as two rows per pair (up to float rounding);
+        false: two rows.
+      beta / loss_type / label_smoothing: the preference loss (losses.preference_loss).
+      rpo_alpha: weight of Iterative RPO's length-normalised NLL of the chosen response (0: none).
+      reference: pi_ref log-probs precomputed with the pairs, or computed on the fly from a frozen copy of M_t.
+    """
+
+    shared_prompt: bool = True
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    reference: str = "precomputed"
+
+    def validate(self, section: str):
+        from .losses import LOSS_TYPES  # imported here: the config module loads without JAX
+
+        super().validate(section)
         _positive(f"{section}.beta", self.beta)
-        _choice(f"{section}.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        _choice(f"{section}.loss_type", self.loss_type, LOSS_TYPES)
         if not 0 <= self.label_smoothing <= 0.5:
             raise ConfigValueError(f"{section}.label_smoothing={self.label_smoothing!r} must be in [0, 0.5]")
         _positive(f"{section}.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice(f"{section}.reference", self.reference, ("precomputed", "on_the_fly"))
-        if self.packing and section == "dpo":
-            raise ConfigValueError("dpo.packing=true is not supported (chosen and rejected share a prompt; pack SFT only)")
 
 
 @dataclasses.dataclass
@@ -318,14 +342,14 @@ class PairsSection:
             raise ConfigValueError(f"pairs.length_control={self.length_control!r} must be in [0, 1]")
 
 
-def _sft_defaults() -> TrainSection:
+def _sft_defaults() -> SftSection:
     # Paper §3.1.3: 5.5e-6 cosine-decayed to 1.1e-6, batch 16, dropout 0.1, loss on target tokens only.
-    return TrainSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
+    return SftSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
 
 
-def _dpo_defaults() -> TrainSection:
+def _dpo_defaults() -> DpoSection:
     # Paper §3.1.3: 1e-6 decaying to 1e-7, batch 16, beta 0.1, dropout 0.1 (decay shape unstated: linear).
-    return TrainSection(lr=1e-6, final_lr=1e-7, schedule="linear", batch_size=16, dropout=0.1, beta=0.1)
+    return DpoSection(lr=1e-6, final_lr=1e-7, schedule="linear", batch_size=16, dropout=0.1, beta=0.1)
 
 
 @dataclasses.dataclass
@@ -344,8 +368,8 @@ class JaxsrConfig:
     prompts: PromptsSection = dataclasses.field(default_factory=PromptsSection)
     judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
     pairs: PairsSection = dataclasses.field(default_factory=PairsSection)
-    sft: TrainSection = dataclasses.field(default_factory=_sft_defaults)
-    dpo: TrainSection = dataclasses.field(default_factory=_dpo_defaults)
+    sft: SftSection = dataclasses.field(default_factory=_sft_defaults)
+    dpo: DpoSection = dataclasses.field(default_factory=_dpo_defaults)
 
     def __post_init__(self):
         self.sft.validate("sft")
@@ -369,7 +393,10 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _unknown_key_error(schema: DictConfig, key: str) -> ConfigValueError:
     keys = _all_keys(schema)
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    # A key of the same name in another section (sft.beta -> dpo.beta) beats any spelling match.
+    leaf = key.rsplit(".", 1)[-1]
+    close = ([k for k in keys if "." in key and k.rsplit(".", 1)[-1] == leaf]
+             or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
     hint = f"; did you mean {close[0]!r}?" if close else ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     siblings = sorted(k.rsplit(".", 1)[-1] for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent)

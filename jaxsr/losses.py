@@ -1,4 +1,4 @@
-"""SFT and preference losses: pure functions of logits and sequence log-probs.
+"""Preference losses and sequence log-probs: pure functions (objectives.py builds the trainer's losses on them).
 
 The preference losses follow TRL's `DPOTrainer.dpo_loss` (huggingface/trl v0.24-v0.28, before
 the 2026 DPO refactor) so that jaxsr metrics can be compared with TRL runs. Validation reads
@@ -115,67 +115,3 @@ def sequence_logps(logits_BxTxV, target_ids_BxT, mask_BxT) -> tuple[jax.Array, j
     # multiply by a float mask, where NaN * 0 would poison the sum.
     sum_logps_B = jnp.where(valid_BxT, token_logps_BxT, 0.0).sum(axis=-1)
     return sum_logps_B, valid_BxT.sum(axis=-1, dtype=jnp.int32)
-
-
-def sft_loss(logits_BxTxV, target_ids_BxT, mask_BxT) -> tuple[jax.Array, jax.Array]:
-    """Token-mean cross-entropy over the masked (response) tokens of the whole batch.
-
-    Returns (mean_loss, num_tokens); an all-masked batch gives loss 0, not NaN.
-    """
-    sum_logps_B, num_tokens_B = sequence_logps(logits_BxTxV, target_ids_BxT, mask_BxT)
-    num_tokens = num_tokens_B.sum()
-    return -sum_logps_B.sum() / jnp.maximum(num_tokens, 1), num_tokens
-
-
-def dpo_objective(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_num_tokens,
-    *,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float,
-    rpo_alpha: float = 0.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Batch-mean preference loss plus Iterative RPO's length-normalised NLL on the chosen.
-
-    loss = mean(preference_loss) + rpo_alpha · mean(-policy_chosen_logps / chosen_num_tokens)
-    (Pang et al. 2024). The NLL is normalised per example as in the paper; TRL's rpo_alpha
-    takes one token mean over the whole batch instead, which differs when chosen lengths
-    differ. Metrics carry TRL's names.
-    """
-    if not rpo_alpha >= 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha!r}")
-    losses_B, chosen_rewards_B, rejected_rewards_B = preference_loss(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-    )
-    chosen_logps_B = _as_float(policy_chosen_logps)
-    rejected_logps_B = _as_float(policy_rejected_logps)
-    num_tokens_B = jnp.asarray(chosen_num_tokens)
-    _check_same_shape(policy_chosen_logps=chosen_logps_B, chosen_num_tokens=num_tokens_B)
-
-    loss = losses_B.mean()
-    metrics = {}
-    if rpo_alpha > 0:
-        # max(n, 1): an empty chosen response (sum 0) contributes 0 rather than 0/0.
-        nll_B = -chosen_logps_B / jnp.maximum(num_tokens_B, 1).astype(chosen_logps_B.dtype)
-        metrics["nll_loss"] = nll_B.mean()
-        loss = loss + rpo_alpha * metrics["nll_loss"]
-    metrics.update({
-        "loss": loss,
-        "rewards/chosen": chosen_rewards_B.mean(),
-        "rewards/rejected": rejected_rewards_B.mean(),
-        "rewards/margins": (chosen_rewards_B - rejected_rewards_B).mean(),
-        "rewards/accuracies": (chosen_rewards_B > rejected_rewards_B).astype(loss.dtype).mean(),
-        "logps/chosen": chosen_logps_B.mean(),
-        "logps/rejected": rejected_logps_B.mean(),
-    })
-    return loss, metrics

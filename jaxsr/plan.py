@@ -156,7 +156,7 @@ def optimizer_dtypes(run_cfg, dtype) -> list:
     """Dtypes of the per-parameter AdamW buffers jaxsr's optimizer really allocates (mu, nu, ...)."""
     import jax
 
-    from .train import make_optimizer
+    from .train_state import make_optimizer
 
     tx, _ = make_optimizer(run_cfg.dpo, max(1000, run_cfg.dpo.warmup_steps + 1))
     probe = (3, 5, 7)

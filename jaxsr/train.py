@@ -19,27 +19,25 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import data as data_lib
 from . import distributed
-from .config import TrainSection
-from .losses import preference_loss, sequence_logps
-from .model import decoder
+from .config import DpoSection, SftSection, TrainSection
 from .model.config import ModelConfig
-from .model.sharding import BATCH, DEFAULT_RULES, ShardingError, ShardingRules, batch_multiple, replicated
+from .model.sharding import DEFAULT_RULES, ShardingRules, batch_multiple, batch_sharding, replicated
+from .objectives import Objective, dpo_objective, pair_logps, sft_objective, target_logps
 from .policy import DTYPES, JAXSR_MODEL_FILE, Policy, load_policy, param_shardings, save_checkpoint
+from .train_state import State, abstract_state, init_state, make_optimizer, state_shardings
 
 log = logging.getLogger(__name__)
 
-State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
@@ -47,78 +45,7 @@ class TrainingDiverged(FloatingPointError):
     """A non-finite loss or gradient norm; the message names the step and the last good checkpoint."""
 
 
-# --- optimizer ----------------------------------------------------------------------------------------------
-
-def learning_rate_schedule(section: TrainSection, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then cosine/linear decay reaching `final_lr` at the last update."""
-    lr, final, warm = section.lr, section.final_lr, section.warmup_steps
-    last = max(total_steps - 1, warm + 1)
-    if section.schedule == "cosine":
-        if warm == 0:
-            return optax.cosine_decay_schedule(lr, last, alpha=final / lr)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, last, final)
-    decay = optax.linear_schedule(lr, final, last - warm) if section.schedule == "linear" else optax.constant_schedule(lr)
-    if warm == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
-
-
-def _decay_mask(params):
-    # As transformers' Trainer: no weight decay on norm scales and biases.
-    def decays(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not (name.endswith("norm") or name.startswith("b"))
-
-    return jax.tree.map_with_path(decays, params)
-
-
-def make_optimizer(section: TrainSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(section, total_steps)
-    adamw = optax.adamw(schedule, b1=section.adam_b1, b2=section.adam_b2, weight_decay=section.weight_decay,
-                        mask=_decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(section.clip_norm), adamw) if section.clip_norm > 0 else adamw
-    return tx, schedule
-
-
-# --- state and shardings ------------------------------------------------------------------------------------
-
-def init_state(params, tx) -> State:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-
-def _abstract_params(cfg: ModelConfig, dtype):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), decoder.param_shapes(cfg),
-                        is_leaf=lambda x: isinstance(x, tuple))
-
-
-def state_shardings(cfg: ModelConfig, mesh, tx, dtype, rules: ShardingRules = DEFAULT_RULES) -> State:
-    """Params FSDP x tensor; each optimizer-state leaf sharded like the parameter it tracks; scalars replicated."""
-    param_sh = param_shardings(cfg, mesh, rules)
-    abstract = _abstract_params(cfg, dtype)
-    by_path = {tuple(p): (s, a.shape) for (p, s), a in zip(jax.tree_util.tree_flatten_with_path(param_sh)[0],
-                                                            jax.tree.leaves(abstract))}
-
-    def one(path, leaf):
-        path = tuple(path)
-        for k in range(len(path)):  # mu['layers']['wq'] ends with the path of param ['layers']['wq']
-            hit = by_path.get(path[k:])
-            if hit is not None and hit[1] == leaf.shape:
-                return hit[0]
-        if leaf.ndim == 0:
-            return replicated(mesh)
-        raise ShardingError(f"optimizer state leaf {jax.tree_util.keystr(path)} (shape {leaf.shape}) "
-                            f"matches no parameter; cannot choose its sharding")
-
-    opt_sh = jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract))
-    return {"params": param_sh, "opt_state": opt_sh, "step": replicated(mesh)}
-
-
-def _abstract_state(cfg, tx, dtype, shardings):
-    shapes = jax.eval_shape(functools.partial(init_state, tx=tx), _abstract_params(cfg, dtype))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-# --- losses on batches --------------------------------------------------------------------------------------
+# --- the step -----------------------------------------------------------------------------------------------
 
 def layer_unroll(cfg: ModelConfig, remat: str = "none") -> int | bool:
     """How the train step unrolls the layer scan: fully for up to 16 layers without rematerialisation, else not.
@@ -130,89 +57,6 @@ def layer_unroll(cfg: ModelConfig, remat: str = "none") -> int | bool:
     layers early and the step's peak memory grows back (by ~1.6x for remat=dots in tests/test_plan.py).
     """
     return True if cfg.num_layers <= 16 and remat == "none" else 1
-
-
-def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_rate: float = 0.0, remat: str = "none",
-                 mesh=None, unroll: int | bool = 1):
-    """Summed log-probs of each row's target (response) tokens and their count: ([N, ...] float32, [N, ...] int32).
-
-    The targets are `target_pos`/`target_ids`/`target_mask` [N, R], or [N, k, R] for k responses per row
-    (a shared-prompt DPO row with `branch` ids: k = 2). Logits are computed only at the scored positions:
-    the hidden states are gathered first, so the [N, k*R, V] log-softmax is the only vocabulary-sized tensor.
-    """
-    h_NxTxD, _ = decoder.hidden_states(
-        params, cfg, rows["ids"], rows["positions"], rows["mask"], segment_ids_BxT=rows.get("segment_ids"),
-        branch_ids_BxT=rows.get("branch"), dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0,
-        rng=rng, remat=remat, mesh=mesh, unroll=unroll)
-    pos = rows["target_pos"]
-    N, lead = pos.shape[0], pos.shape[:-1]
-    h_NxRxD = jnp.take_along_axis(h_NxTxD, pos.reshape(N, -1)[..., None], axis=1)
-    logits_NxRxV = decoder.lm_head(params, cfg, h_NxRxD, dtype)
-    R = pos.shape[-1]
-    logps, ntok = sequence_logps(logits_NxRxV.reshape(-1, R, logits_NxRxV.shape[-1]), rows["target_ids"].reshape(-1, R),
-                                 rows["target_mask"].reshape(-1, R))
-    return logps.reshape(lead), ntok.reshape(lead)
-
-
-def pair_logps(fwd, params, rows: Batch, rng):
-    """[b, 2] summed log-probs and token counts of each pair's chosen and rejected response, from either batch
-    layout: one row per pair with `branch` ids ([b, T]), or two rows per pair ([b, 2, T], run as [2b, T])."""
-    if "branch" in rows:
-        return fwd(params, rows, rng)
-    b = rows["ids"].shape[0]
-    logps, ntok = fwd(params, {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in rows.items()}, rng)
-    return logps.reshape(b, 2), ntok.reshape(b, 2)
-
-
-def sft_loss(params, mb: Batch, rng, denom, ref_params, *, fwd):
-    """Summed response NLL of a micro-batch / `denom` (the response tokens of the whole step)."""
-    logps_N, _ = fwd(params, mb, rng)
-    loss = -logps_N.sum() / denom
-    return loss, {"loss": loss}
-
-
-def dpo_loss(params, mb: Batch, rng, denom, ref_params, *, fwd, beta, loss_type, label_smoothing, rpo_alpha):
-    """Preference loss of a micro-batch's pairs, summed and divided by `denom` (the real pairs of the step).
-
-    Chosen and rejected go through one forward pass: as rows of their own ([b, 2, T] viewed as [2b, T]) or,
-    with `branch` ids, side by side after their shared prompt in one row per pair ([b, T]). The reference
-    log-probs come with the batch (precomputed with M_t) or from `ref_params` (on the fly, no gradient).
-    """
-    w_B = mb["weight"]
-    rows = {k: v for k, v in mb.items() if k not in ("weight", "ref_logps")}
-    logps_Bx2, ntok_Bx2 = pair_logps(fwd, params, rows, rng)
-    if ref_params is None:
-        ref_Bx2 = mb["ref_logps"]
-    else:
-        ref_Bx2 = jax.lax.stop_gradient(pair_logps(fwd, ref_params, rows, None)[0])
-    pol_Bx2 = logps_Bx2
-    if loss_type == "ipo":
-        # TRL's IPO uses token-averaged log-probs, for the policy and the reference alike.
-        n_Bx2 = jnp.maximum(ntok_Bx2, 1).astype(jnp.float32)
-        pol_Bx2, ref_Bx2 = logps_Bx2 / n_Bx2, ref_Bx2 / n_Bx2
-    losses_B, chosen_r_B, rejected_r_B = preference_loss(
-        pol_Bx2[:, 0], pol_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1],
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-
-    def mean(x_B):  # over the real pairs of the whole step; padding rows have weight 0
-        return (x_B.astype(jnp.float32) * w_B).sum() / denom
-
-    loss = mean(losses_B)
-    metrics = {}
-    if rpo_alpha > 0:
-        # Iterative RPO: length-normalised NLL of the chosen response (always from summed log-probs).
-        metrics["nll_loss"] = mean(-logps_Bx2[:, 0] / jnp.maximum(ntok_Bx2[:, 0], 1))
-        loss = loss + rpo_alpha * metrics["nll_loss"]
-    metrics.update({
-        "loss": loss,
-        "rewards/chosen": mean(chosen_r_B),
-        "rewards/rejected": mean(rejected_r_B),
-        "rewards/margins": mean(chosen_r_B - rejected_r_B),
-        "rewards/accuracies": mean(chosen_r_B > rejected_r_B),
-        "logps/chosen": mean(pol_Bx2[:, 0]),
-        "logps/rejected": mean(pol_Bx2[:, 1]),
-    })
-    return loss, metrics
 
 
 def batch_grads(params, batch: Batch, rng, ref_params, *, loss_fn, normaliser):
@@ -255,30 +99,23 @@ def _train_step(state: State, batch: Batch, rng, ref_params, *, grads_fn, tx, sc
     return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
 
-def make_step_fns(kind: str, cfg: ModelConfig, mesh, section: TrainSection, tx, schedule, *, dtype=jnp.float32,
+def make_step_fns(objective: Objective, cfg: ModelConfig, mesh, tx, schedule, *, dtype=jnp.float32,
                   remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None):
     """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings)."""
-    fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=section.dropout, remat=remat, mesh=mesh,
-                            unroll=layer_unroll(cfg, remat))
-    if kind == "sft":
-        loss_fn = functools.partial(sft_loss, fwd=fwd)
-        normaliser = lambda b: b["target_mask"].sum()  # noqa: E731  (token mean over the whole step)
-    elif kind == "dpo":
-        loss_fn = functools.partial(dpo_loss, fwd=fwd, beta=section.beta, loss_type=section.loss_type,
-                                    label_smoothing=section.label_smoothing, rpo_alpha=section.rpo_alpha)
-        normaliser = lambda b: b["weight"].sum()  # noqa: E731  (mean over the real pairs of the step)
-    else:
-        raise ValueError(f"unknown training kind {kind!r}; expected 'sft' or 'dpo'")
-    grads_fn = functools.partial(batch_grads, loss_fn=loss_fn, normaliser=normaliser)
+    fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=objective.section.dropout, remat=remat,
+                            mesh=mesh, unroll=layer_unroll(cfg, remat))
+    grads_fn = functools.partial(batch_grads, loss_fn=functools.partial(objective.loss, fwd=fwd),
+                                 normaliser=objective.normaliser)
     state_sh = state_shardings(cfg, mesh, tx, param_dtype or dtype, rules)
-    on_the_fly = kind == "dpo" and section.reference == "on_the_fly"
+    on_the_fly = objective.reference == "on_the_fly"
     step = jax.jit(
-        functools.partial(_train_step, grads_fn=grads_fn, tx=tx, schedule=schedule, dropout=section.dropout > 0),
+        functools.partial(_train_step, grads_fn=grads_fn, tx=tx, schedule=schedule,
+                          dropout=objective.section.dropout > 0),
         # state: params and optimizer state FSDP x tensor, step replicated; donated so the update is in place.
         # batch: micro-batch axis whole on every device, rows split over data x fsdp.
         # rng: the run's base key, replicated (the step folds in its own number).
         # ref_params: the frozen reference (reference=on_the_fly), sharded like params; never donated.
-        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh),
+        in_shardings=(state_sh, batch_sharding(mesh, rules=rules, micro_axis=True), replicated(mesh),
                       param_shardings(cfg, mesh, rules) if on_the_fly else None),
         out_shardings=(state_sh, replicated(mesh)),  # metrics are scalars
         donate_argnames=("state",),
@@ -286,28 +123,14 @@ def make_step_fns(kind: str, cfg: ModelConfig, mesh, section: TrainSection, tx, 
     return step, grads_fn, state_sh
 
 
-# Settings that only shape the data or the checkpoints; every other TrainSection field changes the compiled step.
-_NOT_IN_STEP = ("epochs", "max_steps", "max_length", "overlong", "checkpoint_every", "keep_checkpoints", "seed", "packing",
-                "shared_prompt")
-
-
-def _step_key(section: TrainSection) -> tuple:
-    return tuple((f.name, getattr(section, f.name)) for f in dataclasses.fields(section) if f.name not in _NOT_IN_STEP)
-
-
 @functools.lru_cache(maxsize=8)
-def _step_for(kind, cfg, mesh, step_key, total_steps, dtype, remat, rules, param_dtype):
-    """(optimizer, jitted step, state shardings), shared by runs whose steps compile to the same program."""
-    section = TrainSection(**dict(step_key))
-    tx, schedule = make_optimizer(section, total_steps)
-    step, _, state_sh = make_step_fns(kind, cfg, mesh, section, tx, schedule, dtype=dtype, remat=remat, rules=rules,
+def _step_for(objective: Objective, cfg, mesh, total_steps, dtype, remat, rules, param_dtype):
+    """(optimizer, jitted step, state shardings), shared by runs whose steps compile to the same program (objectives
+    compare by their step fields)."""
+    tx, schedule = make_optimizer(objective.section, total_steps)
+    step, _, state_sh = make_step_fns(objective, cfg, mesh, tx, schedule, dtype=dtype, remat=remat, rules=rules,
                                       param_dtype=param_dtype)
     return tx, step, state_sh
-
-
-def batch_sharding(mesh) -> NamedSharding:
-    # [A, b, ...]: micro-batch axis unsplit, rows over data x fsdp, the rest whole.
-    return NamedSharding(mesh, P(None, BATCH))
 
 
 def to_device(batch: dict[str, np.ndarray], sharding) -> Batch:
@@ -326,7 +149,7 @@ def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
         return pair_logps(fwd, params, rows, None)[0]
 
     # params keep their shardings; pair rows over data x fsdp; the [b, 2] result comes back replicated.
-    return jax.jit(logps, in_shardings=(param_shardings(cfg, mesh, rules), NamedSharding(mesh, P(BATCH))),
+    return jax.jit(logps, in_shardings=(param_shardings(cfg, mesh, rules), batch_sharding(mesh, rules=rules)),
                    out_shardings=replicated(mesh))
 
 
@@ -342,7 +165,7 @@ def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 
     toks, _ = data_lib.tokenize_pairs(policy.tokenizer, pairs, max_length=max_length, overlong=overlong,
                                       where="reference log-probs")
     fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
-    m = batch_multiple(policy.mesh)
+    m, rows_sh = batch_multiple(policy.mesh), batch_sharding(policy.mesh, rules=policy.rules)
     keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask") + (("branch",) if shared_prompt else ())
     out = np.full((len(pairs), 2), np.nan, np.float32)
     order = sorted(range(len(toks)), key=lambda i: toks[i].length)  # similar lengths share a bucket
@@ -351,7 +174,7 @@ def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 
         b = data_lib.pair_batch(toks, rows, batch_size=batch_size, multiple=m, max_length=max_length,
                                 pad_id=policy.pad_token_id, shared_prompt=shared_prompt)
         host = {k: b[k][0] for k in keys}
-        dev = {k: distributed.global_array(v, NamedSharding(policy.mesh, P(BATCH))) for k, v in host.items()}
+        dev = {k: distributed.global_array(v, rows_sh) for k, v in host.items()}
         logps = distributed.to_host(fn(policy.params, dev))  # replicated: every process holds all of it
         for j, row in enumerate(rows):
             out[toks[row[0]].index] = logps[j]
@@ -394,15 +217,17 @@ class _MetricsFile:
 _RUN_KEYS = ("stage", "seed", "total_steps", "batch_size", "grad_accum", "num_items", "data_fingerprint", "packing")
 
 
-def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, make_batch: Callable[[list], dict],
-         section: TrainSection, work_dir, *, mesh, log_fn, remat, compute_dtype, ref_params=None) -> Policy:
+def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn, remat, compute_dtype,
+         ref_params=None) -> Policy:
+    stage, section = objective.name, objective.section
+    plan = _plan(items, section, objective.packing)
+    make_batch = objective.batches(items, multiple=batch_multiple(mesh), pad_id=policy.pad_token_id)
     work_dir = Path(work_dir).absolute()
     steps_dir, final_dir = work_dir / "steps", work_dir / "final"
     fp = data_lib.fingerprint(items)
     run_meta = {"stage": stage, "seed": section.seed, "total_steps": plan.total_steps, "batch_size": section.batch_size,
                 "grad_accum": section.grad_accum, "num_items": len(items), "data_fingerprint": fp,
                 "packing": bool(plan.pack_capacity)}
-    mesh = policy.mesh if mesh is None else mesh
     if (final_dir / JAXSR_MODEL_FILE).is_file():
         done = json.loads((final_dir / JAXSR_MODEL_FILE).read_text()).get("extra", {})
         _check_same_run(done, run_meta, final_dir)
@@ -415,15 +240,14 @@ def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, 
     cfg, rules = policy.config, policy.rules
     dtype = DTYPES[compute_dtype or policy.dtype]
     total = plan.total_steps
-    tx, train_step, state_sh = _step_for(kind, cfg, mesh, _step_key(section), total, dtype, remat, rules,
-                                         DTYPES[policy.dtype])
+    tx, train_step, state_sh = _step_for(objective, cfg, mesh, total, dtype, remat, rules, DTYPES[policy.dtype])
     opts = ocp.CheckpointManagerOptions(max_to_keep=section.keep_checkpoints, create=True,
                                         enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(steps_dir, options=opts)
     start = mngr.latest_step() or 0
     if start:
         restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract_state(cfg, tx, DTYPES[policy.dtype], state_sh)),
+            state=ocp.args.StandardRestore(abstract_state(cfg, tx, DTYPES[policy.dtype], state_sh)),
             meta=ocp.args.JsonRestore()))
         _check_same_run(restored.meta, run_meta, steps_dir / str(start))
         state = restored.state
@@ -437,7 +261,7 @@ def _run(stage: str, kind: str, policy: Policy, items, plan: data_lib.StepPlan, 
         state = init(params)
     metrics_file = _MetricsFile(work_dir / "metrics.jsonl", keep_upto=start)
     rng = jax.random.key(section.seed)
-    b_sharding = batch_sharding(mesh)
+    b_sharding = batch_sharding(mesh, rules=rules, micro_axis=True)
 
     def prepare(s):
         host = make_batch(plan.rows(s))
@@ -501,57 +325,38 @@ def _plan(items, section: TrainSection, packing: bool) -> data_lib.StepPlan:
                              max_steps=section.max_steps, pack_capacity=section.max_length if packing else None)
 
 
-def train_sft(policy: Policy, examples, section: TrainSection, work_dir, *, mesh=None, log_fn=None,
+def train_objective(objective: Objective, policy: Policy, records, work_dir, *, mesh=None, log_fn=None,
+                    remat: str = "none", compute_dtype: str | None = None) -> Policy:
+    """Trains `policy` on `records` for `objective`; resumes from work_dir/steps, final model in work_dir/final."""
+    mesh = policy.mesh if mesh is None else mesh
+    items = objective.tokenize(policy.tokenizer, list(records))
+    ref_params = None
+    if objective.reference == "on_the_fly":  # pi_ref = the starting policy, frozen
+        ref_params = policy.params if mesh is policy.mesh else jax.device_put(
+            policy.params, param_shardings(policy.config, mesh, policy.rules))
+    return _run(objective, policy, items, work_dir, mesh=mesh, log_fn=log_fn, remat=remat,
+                compute_dtype=compute_dtype, ref_params=ref_params)
+
+
+def train_sft(policy: Policy, examples, section: SftSection, work_dir, *, mesh=None, log_fn=None,
               remat: str = "none", compute_dtype: str | None = None) -> Policy:
     """Supervised fine-tuning on {prompt, response} records (loss on response tokens); resumes from work_dir/steps.
 
     Returns the trained policy, also saved params-only in work_dir/final.
     """
-    section.validate("sft")
-    mesh = policy.mesh if mesh is None else mesh
-    items, _ = data_lib.tokenize_sft(policy.tokenizer, list(examples), max_length=section.max_length,
-                                     overlong=section.overlong)
-    make = functools.partial(data_lib.sft_batch, items, batch_size=section.batch_size, grad_accum=section.grad_accum,
-                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id,
-                             packed=section.packing)
-    return _run("sft", "sft", policy, items, _plan(items, section, section.packing), make, section, work_dir,
-                mesh=mesh, log_fn=log_fn, remat=remat, compute_dtype=compute_dtype)
+    return train_objective(sft_objective(section), policy, examples, work_dir, mesh=mesh, log_fn=log_fn,
+                           remat=remat, compute_dtype=compute_dtype)
 
 
-def train_dpo(policy: Policy, pairs, section: TrainSection, work_dir, *, mesh=None, log_fn=None,
+def train_dpo(policy: Policy, pairs, section: DpoSection, work_dir, *, mesh=None, log_fn=None,
               remat: str = "none", compute_dtype: str | None = None) -> Policy:
     """DPO on {prompt, chosen, rejected[, ref_*_logps]} records with pi_ref = `policy` (M_t).
 
     reference="precomputed" reads the pairs' ref log-probs (see `reference_logps`); "on_the_fly" keeps
     `policy`'s parameters as a frozen reference. Resumes from work_dir/steps; final model in work_dir/final.
     """
-    section.validate("dpo")
-    preference_loss(0.0, 0.0, 0.0, 0.0, beta=section.beta, loss_type=section.loss_type,
-                    label_smoothing=section.label_smoothing)  # rejects bad combinations before any compute
-    mesh = policy.mesh if mesh is None else mesh
-    precomputed = section.reference == "precomputed"
-    items, _ = data_lib.tokenize_pairs(policy.tokenizer, list(pairs), max_length=section.max_length,
-                                       overlong=section.overlong, need_ref=precomputed)
-    make = functools.partial(data_lib.pair_batch, items, batch_size=section.batch_size, grad_accum=section.grad_accum,
-                             multiple=batch_multiple(mesh), max_length=section.max_length, pad_id=policy.pad_token_id,
-                             shared_prompt=section.shared_prompt)
-    if not precomputed:
-        make = _without_ref(make)
-    ref_params = None
-    if not precomputed:
-        ref_params = policy.params if mesh is policy.mesh else jax.device_put(
-            policy.params, param_shardings(policy.config, mesh, policy.rules))
-    return _run("dpo", "dpo", policy, items, _plan(items, section, False), make, section, work_dir, mesh=mesh,
-                log_fn=log_fn, remat=remat, compute_dtype=compute_dtype, ref_params=ref_params)
-
-
-def _without_ref(make):
-    def f(rows):
-        b = make(rows)
-        b.pop("ref_logps")
-        return b
-
-    return f
+    return train_objective(dpo_objective(section), policy, pairs, work_dir, mesh=mesh, log_fn=log_fn,
+                           remat=remat, compute_dtype=compute_dtype)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
@@ -571,7 +376,7 @@ def _load_for_training(cfg):
     return load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
 
 
-def _with_reference(policy: Policy, records: list[dict], section: TrainSection, out: Path, source: str) -> list[dict]:
+def _with_reference(policy: Policy, records: list[dict], section: DpoSection, out: Path, source: str) -> list[dict]:
     """Adds pi_ref = M_t log-probs to pairs that lack them, cached in OUT so a resumed run reuses the same numbers."""
     cache = out / "reference_logps.npz"
     if cache.is_file():

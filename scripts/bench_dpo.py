@@ -97,16 +97,18 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
 
     import jaxsr
     from jaxsr import data, train
-    from jaxsr.config import TrainSection
+    from jaxsr.config import DpoSection
+    from jaxsr.model.sharding import batch_sharding
+    from jaxsr.objectives import dpo_objective
 
     mesh = jaxsr.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     policy = jaxsr.load_policy(model_dir, mesh=mesh)
-    section = TrainSection(lr=LR, final_lr=LR, schedule="constant", batch_size=PAIRS, dropout=0.0, beta=BETA,
-                           loss_type="sigmoid", max_length=PROMPT + RESPONSE, clip_norm=1.0)
+    section = DpoSection(lr=LR, final_lr=LR, schedule="constant", batch_size=PAIRS, dropout=0.0, beta=BETA,
+                         loss_type="sigmoid", max_length=PROMPT + RESPONSE, clip_norm=1.0)
     tx, schedule = train.make_optimizer(section, 1000)
     # Mixed precision as the trainer runs it with sft/dpo.compute_dtype=bfloat16: float32 parameters and
     # optimizer state, the forward and backward in `dtype`.
-    step_fn, _, shardings = train.make_step_fns("dpo", policy.config, mesh, section, tx, schedule,
+    step_fn, _, shardings = train.make_step_fns(dpo_objective(section), policy.config, mesh, tx, schedule,
                                                 dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), tx), out_shardings=shardings)(policy.params)
     # The trainer's batches (dpo.shared_prompt, the default): one row per pair, prompt + chosen + rejected.
@@ -118,7 +120,7 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
 
     def step():
         # As the training loop: the batch goes to the device and the metrics come back every step.
-        batch = train.to_device(host, train.batch_sharding(mesh))
+        batch = train.to_device(host, batch_sharding(mesh, micro_axis=True))
         holder["state"], metrics = step_fn(holder["state"], batch, rng, None)
         jax.device_get(metrics["loss"])
 

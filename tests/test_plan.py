@@ -105,13 +105,15 @@ def test_dpo_peak_near_xla_memory_analysis(remat, grad_accum, shared):
     # (one row per pair: 2 x max_length tokens; two rows: max_length each). Measured ratios: 0.97 to 1.19.
     from jaxsr import train
     from jaxsr.model.sharding import make_mesh
+    from jaxsr.objectives import dpo_objective
 
     m = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4,
                     head_dim=32)
     run = load_config(None, ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"model.remat={remat}", "dpo.batch_size=16",
                              f"dpo.grad_accum={grad_accum}", "dpo.max_length=128", f"dpo.shared_prompt={shared}"])
     tx, schedule = train.make_optimizer(run.dpo, 100)
-    step, _, _ = train.make_step_fns("dpo", m, make_mesh(1, 4, 2), run.dpo, tx, schedule, dtype=jnp.float32, remat=remat)
+    step, _, _ = train.make_step_fns(dpo_objective(run.dpo), m, make_mesh(1, 4, 2), tx, schedule, dtype=jnp.float32,
+                                     remat=remat)
     params = jax.eval_shape(lambda: decoder.init_params(m, jax.random.key(0), jnp.float32))
     state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
     A, b, T = grad_accum, 16 // grad_accum, 128

@@ -17,10 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxsr
-from jaxsr import data, train
-from jaxsr.config import TrainSection
-from jaxsr.losses import dpo_objective, sft_loss
+from jaxsr import data, objectives, train, train_state
+from jaxsr.config import DpoSection, SftSection
 from jaxsr.model import decoder, make_mesh
+from jaxsr.model.sharding import batch_sharding
+from test_losses import np_dpo_objective  # the float64 numpy reference of the DPO objective
 
 LLAMA3 = Path(__file__).parent / "fixtures" / "hf" / "llama3"  # 4 heads, 2 kv heads: tensor-parallel over 2 works
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "lemon", "candle", "window", "garden", "silver", "forest"]
@@ -93,9 +94,9 @@ def step_grads(case: str, grad_accum: int, shared_prompt: bool = True):
     """Gradient and metrics of the trainer's DPO step on GRAD_PAIRS (batch 4: one padding row), one device."""
     pol = jaxsr.load_policy(LLAMA3, mesh=one_device())
     pairs, _ = data.tokenize_pairs(pol.tokenizer, GRAD_PAIRS, max_length=64, need_ref=True)
-    section = TrainSection(batch_size=4, grad_accum=grad_accum, dropout=0.0, max_length=64, **GRAD_CASES[case])
+    section = DpoSection(batch_size=4, grad_accum=grad_accum, dropout=0.0, max_length=64, **GRAD_CASES[case])
     tx, schedule = train.make_optimizer(section, 10)
-    _, grads_fn, _ = train.make_step_fns("dpo", pol.config, pol.mesh, section, tx, schedule)
+    _, grads_fn, _ = train.make_step_fns(objectives.dpo_objective(section), pol.config, pol.mesh, tx, schedule)
     batch = data.pair_batch(pairs, [[0], [1], [2]], batch_size=4, grad_accum=grad_accum, max_length=64,
                             shared_prompt=shared_prompt)
     grads, metrics = jax.jit(grads_fn)(pol.params, batch, None, None)
@@ -147,14 +148,13 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_dpo_metrics_equal_losses_dpo_objective():
-    """Without padding rows, the step's weighted objective is exactly losses.dpo_objective (TRL names)."""
+def test_dpo_metrics_equal_the_reference_objective():
+    """The step's weighted objective is the batch-mean reference of tests/test_losses.py (TRL names)."""
     pol, pairs, _, metrics = step_grads("sigmoid", 1)
     c = np.array([float(naive_seq_logp(pol.params, pol.config, p.prompt, p.chosen)) for p in pairs])
     r = np.array([float(naive_seq_logp(pol.params, pol.config, p.prompt, p.rejected)) for p in pairs])
     ref = np.array([p.ref_logps for p in pairs])
-    loss, want = dpo_objective(c, r, ref[:, 0], ref[:, 1], np.array([len(p.chosen) for p in pairs]),
-                               beta=0.1, loss_type="sigmoid", label_smoothing=0.1, rpo_alpha=0.5)
+    want = np_dpo_objective(c, r, ref[:, 0], ref[:, 1], np.array([len(p.chosen) for p in pairs]), 0.1, 0.1, 0.5)
     assert set(want) <= set(metrics)
     for k, v in want.items():
         np.testing.assert_allclose(metrics[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
@@ -199,28 +199,60 @@ def test_sft_target_logps_packed_equal_unpacked_equal_forward(policy1):
     # A packed row's summed log-prob is the sum of its examples' (attention never crosses segments).
     want = np.array([sum(float(lp_flat[i]) for i in row) for row in packed_rows])
     np.testing.assert_allclose(lp_packed, want, rtol=2e-6)
-    # And the unpacked loss is losses.sft_loss on full, shifted forward logits with a response mask.
-    logits = decoder.forward(policy1.params, cfg, jnp.asarray(flat["ids"]), jnp.asarray(flat["mask"]))
+    # And the trainer's SFT loss is the token-mean response NLL of full, shifted forward logits (float64 numpy).
+    logits = np.asarray(decoder.forward(policy1.params, cfg, jnp.asarray(flat["ids"]), jnp.asarray(flat["mask"])),
+                        np.float64)[:, :-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     response = np.zeros(flat["ids"].shape, bool)
     for i, ex in enumerate(exs):
         response[i, len(ex.prompt):ex.length] = True
-    nll, n = sft_loss(logits[:, :-1], flat["ids"][:, 1:], response[:, 1:])
-    assert int(n) == int(np.sum(n_flat))
-    np.testing.assert_allclose(-np.sum(lp_flat) / np.sum(n_flat), nll, rtol=2e-6)
+    target_logp = np.take_along_axis(logp, flat["ids"][:, 1:, None], axis=-1)[..., 0]
+    n = response[:, 1:].sum()
+    assert n == int(np.sum(n_flat))
+    nll, _ = objectives.sft_loss(policy1.params, flat, None, jnp.float32(n), None, fwd=lambda p, rows, rng: fwd(p, rows))
+    np.testing.assert_allclose(nll, -target_logp[response[:, 1:]].sum() / n, rtol=2e-6)
+
+
+def test_a_custom_objective_runs_through_the_unchanged_step_builder(policy1):
+    """An Objective defined here (3x SFT's summed NLL, averaged over examples instead of tokens) needs no edit to
+    train.make_step_fns: its gradient is SFT's times 3 x (response tokens / examples)."""
+    section = SftSection(batch_size=4, grad_accum=2, dropout=0.0, max_length=64)
+    sft = objectives.sft_objective(section)
+
+    def tripled(params, mb, rng, denom, ref_params, *, fwd):
+        loss = 3 * objectives.sft_loss(params, mb, rng, denom, ref_params, fwd=fwd)[0]
+        return loss, {"loss": loss}
+
+    per_example = objectives.Objective(
+        "sft_per_example", section, objectives.STEP_FIELDS, tripled, tokenize=sft.tokenize, batches=sft.batches,
+        normaliser=lambda b: (b["target_mask"].sum(-1) > 0).sum())  # rows with a response: [A, b, R] -> count
+    exs = sft.tokenize(policy1.tokenizer, sft_records(4))
+    batch = sft.batches(exs, multiple=1, pad_id=policy1.pad_token_id)([[0], [1], [2], [3]])
+    tx, schedule = train_state.make_optimizer(section, 10)
+    grads = {}
+    for obj in (sft, per_example):
+        _, grads_fn, _ = train.make_step_fns(obj, policy1.config, policy1.mesh, tx, schedule)
+        grads[obj.name] = jax.jit(grads_fn)(policy1.params, batch, None, None)[0]
+    scale = 3 * batch["target_mask"].sum() / 4
+    for (path, g), want in zip(jax.tree_util.tree_flatten_with_path(grads["sft_per_example"])[0],
+                               jax.tree.leaves(grads["sft"])):
+        want = scale * np.asarray(want)
+        assert np.abs(np.asarray(g) - want).max() <= 1e-6 * np.abs(want).max(), jax.tree_util.keystr(path)
 
 
 # --- sharding -----------------------------------------------------------------------------------------------
 
 def one_step(policy, section, batch):
-    schedule = train.learning_rate_schedule(section, 10)
+    schedule = train_state.learning_rate_schedule(section, 10)
     # Adam's first update is lr * g / (|g| + eps). With the default eps=1e-8 an entry with |g| ~ eps turns a
     # reduction-order difference of 1e-10 into a parameter difference of ~1e-6 (gain up to lr / (4 eps)).
     # eps=1e-3 keeps the same computation well conditioned, so parameters compare at float32 tolerance.
     tx = optax.chain(optax.clip_by_global_norm(section.clip_norm),
-                     optax.adamw(schedule, eps=1e-3, weight_decay=section.weight_decay, mask=train._decay_mask))
-    step, _, sh = train.make_step_fns("dpo", policy.config, policy.mesh, section, tx, schedule)
+                     optax.adamw(schedule, eps=1e-3, weight_decay=section.weight_decay, mask=train_state._decay_mask))
+    step, _, sh = train.make_step_fns(objectives.dpo_objective(section), policy.config, policy.mesh, tx, schedule)
     state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), tx), out_shardings=sh)(policy.params)
-    state, metrics = step(state, train.to_device(batch, train.batch_sharding(policy.mesh)), jax.random.key(7), None)
+    state, metrics = step(state, train.to_device(batch, batch_sharding(policy.mesh, micro_axis=True)), jax.random.key(7), None)
     return state, metrics
 
 
@@ -230,7 +262,7 @@ def test_sharded_step_equals_single_device_step(llama3, policy1):
     recs = [r | {"ref_chosen_logps": -30.0 + i, "ref_rejected_logps": -40.0 + 2 * i} for i, r in enumerate(pair_records(8))]
     pairs, _ = data.tokenize_pairs(policy1.tokenizer, recs, max_length=64, need_ref=True)
     # Dropout on: the random bits must not depend on how the batch is split (partitionable threefry).
-    section = TrainSection(lr=1e-3, batch_size=8, grad_accum=2, dropout=0.1, max_length=64, weight_decay=0.01)
+    section = DpoSection(lr=1e-3, batch_size=8, grad_accum=2, dropout=0.1, max_length=64, weight_decay=0.01)
     batch = data.pair_batch(pairs, [[i] for i in range(8)], batch_size=8, grad_accum=2, multiple=4, max_length=64,
                             shared_prompt=section.shared_prompt)
     assert batch["branch"].shape == batch["ids"].shape  # the trainer's default layout: one row per pair
@@ -272,7 +304,7 @@ SFT_SETTINGS = dict(lr=3e-3, final_lr=3e-4, batch_size=4, max_steps=12, dropout=
 def test_sft_lowers_the_response_loss(llama3, tmp_path):
     policy = jaxsr.load_policy(llama3)  # default mesh: 8 devices
     recs = sft_records(12)
-    section = TrainSection(**SFT_SETTINGS, checkpoint_every=6, keep_checkpoints=1)
+    section = SftSection(**SFT_SETTINGS, checkpoint_every=6, keep_checkpoints=1)
     before = response_nll(policy, recs)
     seen = []
     trained = train.train_sft(policy, recs, section, tmp_path, log_fn=lambda s, m: seen.append((s, m)))
@@ -293,7 +325,7 @@ def test_sft_lowers_the_response_loss(llama3, tmp_path):
 
 def test_bfloat16_compute_and_remat_train_the_same_objective(policy1, tmp_path):
     recs = sft_records(8)
-    section = TrainSection(lr=1e-3, batch_size=8, max_steps=2, dropout=0.0, max_length=64, checkpoint_every=2)
+    section = SftSection(lr=1e-3, batch_size=8, max_steps=2, dropout=0.0, max_length=64, checkpoint_every=2)
     seen = []
     train.train_sft(policy1, recs, section, tmp_path, compute_dtype="bfloat16", remat="full",
                     log_fn=lambda s, m: seen.append(m["loss"]))
@@ -308,8 +340,8 @@ def test_dpo_raises_margin_and_accuracy_on_its_pairs(llama3, tmp_path):
     recs = pair_records(12)
     c0, r0 = train.reference_logps(policy, recs, max_length=64)
     with_ref = [r | {"ref_chosen_logps": float(a), "ref_rejected_logps": float(b)} for r, a, b in zip(recs, c0, r0)]
-    section = TrainSection(lr=2e-3, final_lr=2e-4, schedule="linear", batch_size=4, max_steps=9, dropout=0.1,
-                           max_length=64, beta=0.1, checkpoint_every=3)
+    section = DpoSection(lr=2e-3, final_lr=2e-4, schedule="linear", batch_size=4, max_steps=9, dropout=0.1,
+                         max_length=64, beta=0.1, checkpoint_every=3)
     seen = []
     trained = train.train_dpo(policy, with_ref, section, tmp_path, log_fn=lambda s, m: seen.append(m))
     c1, r1 = train.reference_logps(trained, recs, max_length=64)
@@ -321,8 +353,8 @@ def test_dpo_raises_margin_and_accuracy_on_its_pairs(llama3, tmp_path):
 
 
 def test_dpo_on_the_fly_reference_starts_at_zero_reward(policy1, tmp_path):
-    section = TrainSection(lr=1e-3, batch_size=4, max_steps=2, dropout=0.0, max_length=64, reference="on_the_fly",
-                           checkpoint_every=2)
+    section = DpoSection(lr=1e-3, batch_size=4, max_steps=2, dropout=0.0, max_length=64, reference="on_the_fly",
+                         checkpoint_every=2)
     seen = []
     train.train_dpo(policy1, pair_records(4), section, tmp_path, log_fn=lambda s, m: seen.append(m))
     # pi_ref = the starting policy and no dropout: the first step's implicit rewards are zero, the loss log 2.
@@ -333,9 +365,9 @@ def test_dpo_on_the_fly_reference_starts_at_zero_reward(policy1, tmp_path):
 
 def test_missing_reference_logps_is_an_error(policy1, tmp_path):
     with pytest.raises(data.DataError, match="reference='precomputed'.*reference_logps"):
-        train.train_dpo(policy1, pair_records(4), TrainSection(max_length=64), tmp_path)
+        train.train_dpo(policy1, pair_records(4), DpoSection(max_length=64), tmp_path)
     with pytest.raises(data.DataError, match="the dataset is empty"):
-        train.train_sft(policy1, [], TrainSection(max_length=64), tmp_path)
+        train.train_sft(policy1, [], SftSection(max_length=64), tmp_path)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(llama3, tmp_path, caplog):
@@ -344,7 +376,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(llama3,
     tok = policy.tokenizer
     others = {t for r in recs[:-1] for t in data.prompt_ids(tok, r["prompt"]) + data.response_ids(tok, r["response"])}
     poison = sorted(set(data.response_ids(tok, recs[-1]["response"])) - others)[0]
-    section = TrainSection(**SFT_SETTINGS, checkpoint_every=1, keep_checkpoints=2, seed=4)
+    section = SftSection(**SFT_SETTINGS, checkpoint_every=1, keep_checkpoints=2, seed=4)
     plan = data.StepPlan([1] * 12, 4, seed=4, max_steps=12)
     bad_step = next(s for s in range(12) if any(11 in row for row in plan.rows(s))) + 1
     assert bad_step == 3  # seed 4 puts the poisoned example late enough to have checkpoints before it
@@ -368,8 +400,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(llama3,
 
 def test_learning_rate_schedules():
     def lrs(**kw):
-        section = TrainSection(lr=1.0, final_lr=0.1, **kw)
-        s = train.learning_rate_schedule(section, 11)
+        section = SftSection(lr=1.0, final_lr=0.1, **kw)
+        s = train_state.learning_rate_schedule(section, 11)
         return np.array([float(s(i)) for i in range(11)])
 
     t = np.arange(11) / 10

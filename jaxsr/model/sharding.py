@@ -151,8 +151,13 @@ def batch_multiple(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, P(rules.batch, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int | None = None, rules: ShardingRules = DEFAULT_RULES, *,
+                   micro_axis: bool = False) -> NamedSharding:
+    """Rows over `rules.batch`, every other axis whole. micro_axis: arrays are [A, b, ...] and the micro-batch
+    axis A stays whole. ndim=None: one sharding for arrays of any rank (a batch dict's ids, masks and weights)."""
+    lead = (None,) if micro_axis else ()
+    rest = () if ndim is None else (None,) * (ndim - len(lead) - 1)
+    return NamedSharding(mesh, P(*lead, rules.batch, *rest))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
