@@ -43,12 +43,15 @@ class MeshConfig:
     fsdp: Optional[int] = None
     tensor: Optional[int] = None
 
-    def build(self, embed_dim: int):
-        from .model.sharding import default_mesh, make_mesh
+    @property
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.data, self.fsdp, self.tensor))
 
-        if self.data is None and self.fsdp is None and self.tensor is None:
-            return default_mesh(embed_dim)
-        return make_mesh(data=-1 if self.data is None else self.data, fsdp=self.fsdp or 1, tensor=self.tensor or 1)
+    def build(self, embed_dim: int):
+        """The mesh on this process's devices (embed_dim picks the default mesh's FSDP width)."""
+        from .model.sharding import mesh_from_sizes
+
+        return mesh_from_sizes(self.data, self.fsdp, self.tensor, embed_dim)
 
 
 @dataclasses.dataclass

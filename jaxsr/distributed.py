@@ -181,6 +181,15 @@ def to_host(tree):
 
 # --- checks before compilation ------------------------------------------------------------------------------------
 
+def progress(total: int, *, initial: int = 0, desc: str, unit: str):
+    """A tqdm bar on process 0's terminal. Off when stderr is not a terminal (a pod job's log file gets jaxsr's
+    stage lines instead of bar redraws) and on the other processes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None if is_primary() else True,
+                dynamic_ncols=True)
+
+
 def batch_groups(mesh) -> int:
     """How many processes hold different rows of a batch sharded over (data, fsdp): 1 in a single process."""
     from jax.sharding import NamedSharding, PartitionSpec as P

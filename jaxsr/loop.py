@@ -124,10 +124,9 @@ class Manifest:
 def run_mesh(cfg: JaxsrConfig):
     """The configured mesh; None (each model's default mesh, chosen when it loads) when `mesh:` is unset and
     M0 comes from `model.path`. Raises before any compilation when the mesh does not fit the devices."""
-    m = cfg.mesh
-    if cfg.model.path and m.data is None and m.fsdp is None and m.tensor is None:
+    if cfg.model.path and not cfg.mesh.is_set:
         return None
-    return m.build(cfg.model.architecture.hidden_size)
+    return cfg.mesh.build(cfg.model.architecture.hidden_size)
 
 
 def context(cfg: JaxsrConfig, mesh=None) -> Context:

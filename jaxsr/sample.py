@@ -324,10 +324,8 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         _programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E))  # compile here, once
     results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
     bar = None
-    if progress and len(chunks) > concurrency and distributed.is_primary():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(chunks), desc="sampling", unit="batch")
+    if progress and len(chunks) > concurrency:
+        bar = distributed.progress(len(chunks), desc="sampling", unit="batch")
     start, generated = time.perf_counter(), 0
     with concurrent.futures.ThreadPoolExecutor(min(concurrency, len(chunks))) as pool:
         for future in concurrent.futures.as_completed([pool.submit(run, chunk) for chunk in chunks]):

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, distributed
 from .chat import chat_token_ids
 from .config import JaxsrConfig, JudgeSection
 from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
@@ -27,7 +27,7 @@ from .pairs import select_pair
 from .policy import Policy, forward_logits
 from .sample import generate
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
-from .stages import Context, Stage, map_rows, progress, stage_seed
+from .stages import Context, Stage, map_rows, stage_seed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
         accepted.append(row["prompt"])
     start_round = (max(r["round"] for r in done) + 1) if done else 0
     seed = stage_seed(cfg.seed, iteration, "prompts")
-    bar = progress(sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
+    bar = distributed.progress(sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
     rnd = start_round
     while len(accepted) < sec.num_prompts and rnd < sec.max_rounds:
         if source is not None:

@@ -132,15 +132,6 @@ class Context:
         return artifacts.read_dataset(p) if p.is_dir() else None
 
 
-def progress(total: int, *, initial: int = 0, desc: str, unit: str):
-    """A tqdm bar on process 0's terminal; nothing when stderr is not a terminal (a log file gets the stage
-    lines instead of redraws) or on the other processes."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit,
-                disable=None if distributed.is_primary() else True, dynamic_ncols=True)
-
-
 def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]], *, chunk: int, rows_per_item: int,
              desc: str, unit: str) -> int:
     """Writes `fn(items[lo:hi], lo)` for consecutive chunks of `items` to a resumable dataset at `out_dir`.
@@ -151,7 +142,7 @@ def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]]
     """
     writer = artifacts.ShardedWriter(out_dir, shard_size=chunk * rows_per_item)
     start = writer.done_rows() // rows_per_item
-    bar = progress(len(items), initial=start, desc=desc, unit=unit)
+    bar = distributed.progress(len(items), initial=start, desc=desc, unit=unit)
     for lo in range(0, len(items), chunk):
         hi = min(len(items), lo + chunk)
         if hi <= start:

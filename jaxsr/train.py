@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -267,10 +266,7 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
         host = make_batch(plan.rows(s))
         return to_device(host, b_sharding), data_lib.num_tokens(host), plan.locate(s)[0]
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=None if distributed.is_primary() else True,
-               dynamic_ncols=True)
+    bar = distributed.progress(total, initial=start, desc=stage, unit="step")
     every = section.checkpoint_every
     pending = prepare(start) if start < total else None
     t_last = time.perf_counter()
@@ -359,25 +355,10 @@ def train_dpo(policy: Policy, pairs, section: DpoSection, work_dir, *, mesh=None
                            remat=remat, compute_dtype=compute_dtype)
 
 
-# --- CLI ----------------------------------------------------------------------------------------------------
+# --- reference log-probs for pairs read from a file -------------------------------------------------------
 
-def _load_for_training(cfg):
-    from .model.config import read_hf_config
-
-    if not cfg.model.path:
-        raise ValueError("model.path is required: pass model.path=DIR (a Hugging Face model directory or a jaxsr checkpoint)")
-    mesh = None
-    if any(v is not None for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)):
-        path = Path(cfg.model.path)
-        meta = path / JAXSR_MODEL_FILE
-        hidden = (json.loads(meta.read_text())["model"]["hidden_size"] if meta.is_file()
-                  else read_hf_config(path)[0].hidden_size)
-        mesh = cfg.mesh.build(hidden)
-    return load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
-
-
-def _with_reference(policy: Policy, records: list[dict], section: DpoSection, out: Path, source: str) -> list[dict]:
-    """Adds pi_ref = M_t log-probs to pairs that lack them, cached in OUT so a resumed run reuses the same numbers."""
+def with_reference_logps(policy: Policy, records: list[dict], section: DpoSection, out: Path, source: str) -> list[dict]:
+    """Adds pi_ref = M_t log-probs to pairs that lack them, cached in `out` so a resumed run reuses the same numbers."""
     cache = out / "reference_logps.npz"
     if cache.is_file():
         saved = np.load(cache)
@@ -396,42 +377,3 @@ def _with_reference(policy: Policy, records: list[dict], section: DpoSection, ou
             os.replace(tmp, cache)
     return [r | {"ref_chosen_logps": float(c), "ref_rejected_logps": float(x)}
             for r, c, x in zip(records, chosen, rejected)]
-
-
-def _cmd(stage: str, args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    distributed.initialize(cfg.distributed)
-    section = getattr(cfg, stage)
-    if not args.verbose:
-        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-    # absl (under Orbax) installs a root handler at import time, so the CLI's basicConfig(INFO) is a no-op;
-    # set jaxsr's own level so resume, skip counts and progress still reach stderr.
-    logging.getLogger("jaxsr").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    out = Path(args.out)
-    policy = _load_for_training(cfg)
-    distributed.check_batches({stage: section}, policy.mesh)
-    try:
-        if stage == "sft":
-            train_sft(policy, data_lib.load_sft(args.data), section, out, remat=cfg.model.remat)
-        else:
-            records = data_lib.load_pairs(args.data)
-            if section.reference == "precomputed" and not any(c in records[0] for c in data_lib.REF_COLUMNS):
-                records = _with_reference(policy, records, section, out, str(args.data))
-            train_dpo(policy, records, section, out, remat=cfg.model.remat)
-    except TrainingDiverged as e:
-        print(f"jaxsr {stage}: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out / 'final'}")
-    return 0
-
-
-def register_cli(sub, add_config_args) -> None:
-    for stage, text in (("sft", "supervised fine-tuning on {prompt, response} data (loss on the response)"),
-                        ("dpo", "DPO on {prompt, chosen, rejected} pairs with pi_ref = the loaded model")):
-        p = sub.add_parser(stage, help=text)
-        p.add_argument("--data", required=True, help="JSONL file or Hugging Face datasets directory (save_to_disk)")
-        p.add_argument("--out", required=True, help="work directory: steps/ checkpoints, metrics.jsonl, final/")
-        add_config_args(p)
-        p.set_defaults(fn=functools.partial(_cmd, stage))
