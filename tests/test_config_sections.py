@@ -23,10 +23,6 @@ def test_packing_under_dpo_names_the_sft_key():
         load_config(TINY, ["dpo.packing=true"])
 
 
-def test_misspelt_key_still_gets_the_closest_name():
-    with pytest.raises(ConfigValueError, match=r"unknown key 'dpo\.bta'; did you mean 'dpo\.beta'\?"):
-        load_config(None, ["dpo.bta=0.2"])
-
 
 def test_sections_keep_the_common_keys_in_order_and_add_their_own():
     common = [f.name for f in dataclasses.fields(TrainSection)]

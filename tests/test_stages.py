@@ -17,8 +17,7 @@ from jaxsr.stages import Stage
 
 # The arithmetic example at the smallest scale that still runs every stage (8 fake devices: batches of 8).
 ARITH = [
-    "data.source=arithmetic", "data.options.ift=48", "data.options.eft=16", "data.options.eval=8",
-    "data.options.rm_eval=4", "model.tokenizer=env", "judge.template=env", "prompts.generator=env",
+    "data.source=arithmetic", "data.options.train=48", "data.options.held_out=8", "model.tokenizer=env", "judge.template=env", "prompts.generator=env",
     "model.architecture.hidden_size=32", "model.architecture.intermediate_size=64", "model.architecture.num_layers=1",
     "model.architecture.num_heads=2", "model.architecture.num_kv_heads=1", "model.architecture.head_dim=16",
     "model.architecture.max_position_embeddings=128", "loop.iterations=2", "loop.eval_max_new_tokens=4",

@@ -20,12 +20,11 @@ _NUMBER = re.compile(r"-?\d+")
 
 @dataclasses.dataclass
 class ArithmeticOptions:
-    """Attributes: split sizes, and `max_operand` (operands are drawn from 0..max_operand)."""
+    """`train` questions for IFT and as many graded answers for EFT; `held_out` for eval and half as many for
+    rm_eval; operands drawn from 0..max_operand."""
 
-    ift: int = 200
-    eft: int = 200
-    eval: int = 50
-    rm_eval: int = 20
+    train: int = 200
+    held_out: int = 50
     max_operand: int = 20
 
 
@@ -41,23 +40,23 @@ class Arithmetic(Environment):
 
     def seed_data(self, seed: int) -> dict[str, list[dict]]:
         rng, o = random.Random(f"arithmetic/{seed}"), self.options
-        held = [self._question(rng) for _ in range(o.eval + o.rm_eval)]
+        held = [self._question(rng) for _ in range(o.held_out + o.held_out // 2)]
         held_out = {q for q, _ in held}
         train = []
-        while len(train) < o.ift + o.eft:
+        while len(train) < 2 * o.train:
             q, ans = self._question(rng)
             if q not in held_out:
                 train.append((q, ans))
-        ift = [{"prompt": q, "response": str(ans)} for q, ans in train[:o.ift]]
+        ift = [{"prompt": q, "response": str(ans)} for q, ans in train[:o.train]]
         eft = []
-        for q, ans in train[o.ift:]:
+        for q, ans in train[o.train:]:
             given = ans if rng.random() < 0.5 else ans + rng.choice((-2, -1, 1, 2))
             eft.append({"prompt": JUDGE_TEMPLATE.replace("<INSTRUCTION_HERE>", q).replace("<RESPONSE_HERE>", str(given)),
                         "response": f"Score: {5 if given == ans else 0}"})
         rm_eval = [{"instruction": q, "candidates": [str(ans), str(ans + 1)], "scores": [5.0, 0.0]}
-                   for q, ans in held[o.eval:]]
+                   for q, ans in held[o.held_out:]]
         return {"ift": ift, "eft": eft, "seed_prompts": [{"prompt": r["prompt"]} for r in ift],
-                "eval": [{"instruction": q, "answer": ans} for q, ans in held[:o.eval]], "rm_eval": rm_eval}
+                "eval": [{"instruction": q, "answer": ans} for q, ans in held[:o.held_out]], "rm_eval": rm_eval}
 
     def new_prompts(self, seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
         rng, out = random.Random(f"arithmetic/{seed}/{stream}"), []

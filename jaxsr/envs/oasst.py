@@ -9,11 +9,8 @@ from . import Environment, register
 
 @dataclasses.dataclass
 class OasstOptions:
-    """Attributes:
-      path: hub name or local directory / file of the oasst1 message table (parquet or JSON lines).
-      num_ift: cap on IFT examples (paper: 3,200 Open Assistant first turns).
-      eft_path: optional JSONL / HF-datasets file of EFT {prompt, response} examples.
-    """
+    """`path`: hub name or local directory / file of the oasst1 message table (parquet or JSON lines); `num_ift`: cap
+    on IFT examples (paper: 3,200 first turns); `eft_path`: optional JSONL / HF-datasets EFT {prompt, response}."""
 
     path: str = "OpenAssistant/oasst1"
     num_ift: int = 3200
