@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from . import distributed
 from .model import decoder, hf
-from .model.config import ModelConfig, read_hf_config
+from .model.config import ConfigError, ModelConfig, read_hf_config
 from .model.sharding import (DEFAULT_RULES, ShardingRules, batch_multiple, batch_sharding, default_mesh,
                              named_sharding)
 
@@ -115,7 +115,16 @@ def _load_tokenizer(path: Path):
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file's contents, {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(data).__name__}, expected a JSON object")
+    return data
 
 
 def _resolve_path(path) -> Path:
@@ -184,9 +193,13 @@ def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Pa
 
 
 def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
-    meta = json.loads((path / JAXSR_MODEL_FILE).read_text())
+    meta_file = path / JAXSR_MODEL_FILE
+    meta = _read_json(meta_file)
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path / JAXSR_MODEL_FILE}: checkpoint format {meta.get('format')!r}, this jaxsr reads {FORMAT_VERSION}")
+        raise ValueError(f"{meta_file}: checkpoint format {meta.get('format')!r}, this jaxsr reads {FORMAT_VERSION}")
+    if not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{meta_file}: key 'model' is missing or not a JSON object; expected the model config "
+                          f"that save_checkpoint writes there")
     cfg = ModelConfig.from_dict(meta["model"])
     mesh = _resolve_mesh(mesh, cfg)
     shardings = param_shardings(cfg, mesh, rules)
