@@ -135,8 +135,14 @@ def _resolve_path(path) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/")):
         # A hub name: let huggingface_hub fetch it where the network allows.
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        try:
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        except (LocalEntryNotFoundError, RepositoryNotFoundError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"{path}: neither a local model directory nor a Hugging Face hub model that is "
+                                    f"cached or can be downloaded now ({reason})") from None
     raise FileNotFoundError(f"{path}: no such model directory (expected a Hugging Face model directory or a jaxsr checkpoint)")
 
 

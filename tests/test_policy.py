@@ -189,3 +189,13 @@ def test_jaxsr_model_json_without_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'jaxsr_model.json'}.*'model'"):
         jaxsr.load_policy(tmp_path)
 
+
+def test_unknown_hub_name_offline_is_named(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import, and the tokenizer tests have imported it already.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="org/does-not-exist: neither a local model directory nor a Hugging "
+                                                "Face hub model that is cached or can be downloaded now"):
+        jaxsr.load_policy("org/does-not-exist")
