@@ -115,16 +115,7 @@ def _load_tokenizer(path: Path):
 
 
 def _read_json(path: Path) -> dict:
-    """A JSON object file's contents, {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: holds a JSON {type(data).__name__}, expected a JSON object")
-    return data
+    return hf.read_json_object(path, ConfigError) if path.is_file() else {}
 
 
 def _resolve_path(path) -> Path:

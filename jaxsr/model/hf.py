@@ -91,14 +91,20 @@ def to_hf(name: str, ours: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ours.reshape(math.prod(ours.shape[:k]), -1).T)
 
 
+def read_json_object(path: Path, error: type[ValueError] = WeightError, expected: str = "expected a JSON object") -> dict:
+    """The JSON object stored in `path`; raises `error` naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); {expected}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the file holds a JSON {type(data).__name__}; {expected}")
+    return data
+
+
 def _read_weight_map(index: Path) -> dict[str, str]:
     expected = "expected a JSON object whose 'weight_map' maps tensor name -> shard file"
-    try:
-        data = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightError(f"{index}: not valid JSON ({e}); {expected}") from None
-    if not isinstance(data, dict):
-        raise WeightError(f"{index}: the file holds a JSON {type(data).__name__}; {expected}")
+    data = read_json_object(index, WeightError, expected)
     if "weight_map" not in data:
         raise WeightError(f"{index}: no 'weight_map' key; {expected}")
     weight_map = data["weight_map"]
