@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from . import distributed
 from .model import decoder, hf
-from .model.config import ModelConfig, read_hf_config
+from .model.config import ConfigError, ModelConfig, read_hf_config
 from .model.sharding import (DEFAULT_RULES, ShardingRules, batch_multiple, batch_sharding, default_mesh,
                              named_sharding)
 
@@ -115,7 +115,7 @@ def _load_tokenizer(path: Path):
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return hf.read_json_object(path, ConfigError) if path.is_file() else {}
 
 
 def _resolve_path(path) -> Path:
@@ -126,8 +126,14 @@ def _resolve_path(path) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/")):
         # A hub name: let huggingface_hub fetch it where the network allows.
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        try:
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        except (LocalEntryNotFoundError, RepositoryNotFoundError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"{path}: neither a local model directory nor a Hugging Face hub model that is "
+                                    f"cached or can be downloaded now ({reason})") from None
     raise FileNotFoundError(f"{path}: no such model directory (expected a Hugging Face model directory or a jaxsr checkpoint)")
 
 
@@ -184,9 +190,13 @@ def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Pa
 
 
 def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
-    meta = json.loads((path / JAXSR_MODEL_FILE).read_text())
+    meta_file = path / JAXSR_MODEL_FILE
+    meta = _read_json(meta_file)
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path / JAXSR_MODEL_FILE}: checkpoint format {meta.get('format')!r}, this jaxsr reads {FORMAT_VERSION}")
+        raise ValueError(f"{meta_file}: checkpoint format {meta.get('format')!r}, this jaxsr reads {FORMAT_VERSION}")
+    if not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{meta_file}: key 'model' is missing or not a JSON object; expected the model config "
+                          f"that save_checkpoint writes there")
     cfg = ModelConfig.from_dict(meta["model"])
     mesh = _resolve_mesh(mesh, cfg)
     shardings = param_shardings(cfg, mesh, rules)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..distributed import to_host
@@ -91,6 +91,38 @@ def to_hf(name: str, ours: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ours.reshape(math.prod(ours.shape[:k]), -1).T)
 
 
+def read_json_object(path: Path, error: type[ValueError] = WeightError, expected: str = "expected a JSON object") -> dict:
+    """The JSON object stored in `path`; raises `error` naming the file when it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); {expected}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the file holds a JSON {type(data).__name__}; {expected}")
+    return data
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    expected = "expected a JSON object whose 'weight_map' maps tensor name -> shard file"
+    data = read_json_object(index, WeightError, expected)
+    if "weight_map" not in data:
+        raise WeightError(f"{index}: no 'weight_map' key; {expected}")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise WeightError(f"{index}: 'weight_map' is a JSON {type(weight_map).__name__}; {expected}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise WeightError(f"{index}: 'weight_map' maps {name} to {shard!r}; {expected}")
+    return weight_map
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, "numpy")
+    except SafetensorError as e:
+        raise WeightError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 class SafetensorsReader:
     """Index of tensor name -> file over one or many safetensors files in a model directory."""
 
@@ -98,37 +130,38 @@ class SafetensorsReader:
         self.dir = Path(model_dir)
         index = self.dir / INDEX_FILE
         single = self.dir / SINGLE_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise WeightError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map'): {e}") from None
-            self.files = {k: self.dir / v for k, v in weight_map.items()}
+        self.index = index if index.is_file() else None
+        if self.index:
+            self.files = {k: self.dir / v for k, v in _read_weight_map(index).items()}
             for f in sorted(set(self.files.values())):
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: listed in {index} but missing")
         elif single.is_file():
-            self.files = {}
-            with safe_open(single, "numpy") as f:
+            with _open(single) as f:
                 self.files = {k: single for k in f.keys()}
         else:
             found = sorted(p.name for p in self.dir.glob("*.safetensors")) or ["none"]
             raise FileNotFoundError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (safetensors files found: {', '.join(found)}); "
                                     f"jaxsr reads Hugging Face weights in safetensors format only")
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, tuple[object, set[str]]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, "numpy")
+            handle = _open(path)
+            self._handles[path] = handle, set(handle.keys())
         return self._handles[path]
 
     def slice(self, name: str):
         if name not in self.files:
             raise WeightError(f"{self.dir}: tensor {name!r} is missing from the safetensors files")
-        return self._handle(self.files[name]).get_slice(name)
+        path = self.files[name]
+        handle, names = self._handle(path)
+        if name not in names:  # only an index can point at the wrong file
+            raise WeightError(f"tensor {name} is not in {path}, the shard that {self.index} maps it to")
+        return handle.get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.slice(name).get_shape())
