@@ -402,6 +402,8 @@ def _unknown_key_error(schema: DictConfig, key: str) -> ConfigValueError:
              or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
     hint = f"; did you mean {close[0]!r}?" if close else ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
+    while parent and parent not in keys:  # a misspelt section: list what its parent (at worst the top level) allows
+        parent = parent.rsplit(".", 1)[0] if "." in parent else ""
     siblings = sorted(k.rsplit(".", 1)[-1] for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
     return ConfigValueError(f"unknown key {key!r}{hint} (allowed{' under ' + repr(parent) if parent else ''}: {', '.join(siblings)})")
 

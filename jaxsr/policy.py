@@ -10,9 +10,8 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -8,12 +8,11 @@ Export walks the layers one at a time, gathers each tensor to the host, and writ
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import ml_dtypes
