@@ -192,13 +192,11 @@ def progress(total: int, *, initial: int = 0, desc: str, unit: str):
 
 def batch_groups(mesh) -> int:
     """How many processes hold different rows of a batch sharded over (data, fsdp): 1 in a single process."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from .model.sharding import BATCH, batch_multiple
+    from .model.sharding import batch_multiple, batch_sharding
 
     m = batch_multiple(mesh)
     rows: dict[int, set] = {}
-    for device, idx in NamedSharding(mesh, P(BATCH)).devices_indices_map((m,)).items():
+    for device, idx in batch_sharding(mesh).devices_indices_map((m,)).items():
         rows.setdefault(device.process_index, set()).add(idx[0].indices(m))
     return len({frozenset(r) for r in rows.values()})
 

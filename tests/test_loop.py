@@ -84,7 +84,13 @@ def _params(model_dir):
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     ref = tmp_path / "ref"
-    _run(ref)
+    log = _run(ref)
+    # Output to a file (not a terminal): one line per stage start and end, no progress-bar redraws.
+    for key in ("data", "sft", "eval/M1", "iteration1/prompts", "iteration1/candidates", "iteration1/judgements",
+                "iteration1/pairs", "iteration1/dpo", "eval/M2", "report"):
+        assert log.count(f"stage {key}: start") == 1 and log.count(f"stage {key}: done in ") == 1, key
+    assert "stage iteration1/candidates: done in" in log and "(candidates 40 rows)" in log
+    assert "\r" not in log
     assert (ref / "report.md").is_file() and (ref / "report.png").is_file()
     report = json.loads((ref / "report.json").read_text())
     assert [r["iteration"] for r in report] == [1, 2]
