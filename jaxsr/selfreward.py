@@ -23,8 +23,9 @@ from . import artifacts, distributed
 from .chat import chat_token_ids
 from .config import JaxsrConfig, JudgeSection
 from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
+from .judge_scores import digit_masses
 from .pairs import select_pair
-from .policy import Policy, forward_logits
+from .policy import Policy
 from .sample import generate
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
 from .stages import Context, Stage, map_rows, stage_seed
@@ -147,19 +148,6 @@ def judge_request_ids(policy: Policy, template: str, instruction: str, response:
     return chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0], True
 
 
-def _digit_token_ids(tok) -> dict[int, list[int]]:
-    """Single-token spellings of 0-5 ("4" and " 4") that can follow "Score:"."""
-    out = {}
-    for k in range(6):
-        ids = set()
-        for text in (str(k), f" {k}"):
-            enc = tok(text, add_special_tokens=False)["input_ids"]
-            if len(enc) == 1:
-                ids.add(enc[0])
-        out[k] = sorted(ids)
-    return out
-
-
 def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justifications: Sequence[str]
                     ) -> list[tuple[float | None, list[float]]]:
     """Probability-weighted mean of 0-5 for the token after "Score:" (the `expected` judge mode), batched.
@@ -183,13 +171,9 @@ def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justif
     for i, r in enumerate(rows):
         ids[i, length - len(r):] = r
         mask[i, length - len(r):] = True
-    logits_BxV = forward_logits(policy, ids, mask)[:, -1]
-    probs_BxV = np.exp(logits_BxV - logits_BxV.max(-1, keepdims=True))
-    probs_BxV /= probs_BxV.sum(-1, keepdims=True)
-    digits = _digit_token_ids(tok)
     out = []
-    for p_V in probs_BxV:
-        mass = [float(sum(p_V[i] for i in digits[k])) for k in range(6)]
+    for mass_6 in digit_masses(policy, ids, mask):
+        mass = [float(m) for m in mass_6]
         total = sum(mass)
         out.append((sum(k * m for k, m in enumerate(mass)) / total if total > 0 else None, mass))
     return out
