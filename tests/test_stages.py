@@ -15,21 +15,20 @@ from jaxsr.pipeline import GRAPH
 from jaxsr.runlock import LOCK_NAME, RunLock
 from jaxsr.stages import Stage
 
-# The arithmetic example at the smallest scale that still runs every stage (8 fake devices: batches of 8).
+# configs/arithmetic.yaml at the smallest scale that still runs every stage (8 fake devices: batches of 8).
 ARITH = [
-    "data.source=arithmetic", "data.options.train=48", "data.options.held_out=8", "model.tokenizer=env", "judge.template=env", "prompts.generator=env",
-    "model.architecture.hidden_size=32", "model.architecture.intermediate_size=64", "model.architecture.num_layers=1",
+    "data.options.train=48", "data.options.held_out=8", "model.architecture.hidden_size=32", "model.architecture.intermediate_size=64", "model.architecture.num_layers=1",
     "model.architecture.num_heads=2", "model.architecture.num_kv_heads=1", "model.architecture.head_dim=16",
     "model.architecture.max_position_embeddings=128", "loop.iterations=2", "loop.eval_max_new_tokens=4",
     "sft.max_steps=4", "sft.batch_size=8", "sft.max_length=96", "sft.checkpoint_every=4",
-    "prompts.num_prompts=8", "prompts.requests_per_round=8", "prompts.max_rounds=2", "prompts.min_words=2",
-    "sample.num_samples=2", "sample.max_new_tokens=4", "judge.mode=expected", "judge.max_new_tokens=4",
+    "prompts.num_prompts=8", "prompts.requests_per_round=8", "prompts.max_rounds=2",
+    "sample.num_samples=2",
     "dpo.max_steps=2", "dpo.batch_size=8", "dpo.max_length=96", "dpo.checkpoint_every=2",
 ]
 
 
 def _cfg(run_dir, *extra):
-    return load_config(CONFIG_DIR / "tiny.yaml", [f"run_dir={run_dir}", *ARITH, *extra])
+    return load_config(CONFIG_DIR / "arithmetic.yaml", [f"run_dir={run_dir}", *ARITH, *extra])
 
 
 def _outputs(run_dir) -> dict:
@@ -77,7 +76,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_changes_nothing(tmp_p
     run_dir = tmp_path / "run"
     with RunLock(run_dir):
         before = sorted(p.name for p in run_dir.iterdir())
-        code = cli_main(["run", "--config", str(CONFIG_DIR / "tiny.yaml"), f"run_dir={run_dir}", *ARITH])
+        code = cli_main(["run", "--config", str(CONFIG_DIR / "arithmetic.yaml"), f"run_dir={run_dir}", *ARITH])
         err = capsys.readouterr().err
         assert sorted(p.name for p in run_dir.iterdir()) == before
     assert code == 2
