@@ -19,7 +19,7 @@ import numpy as np
 from . import artifacts, distributed, evaluate, selfreward
 from .envs import SEED_SPLITS
 from .policy import Policy, load_policy, random_policy
-from .stages import Context, Graph, Stage
+from .stages import Context, Graph, Stage, stage_seed
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
                 reqs.append(selfreward.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
                                                          cfg.judge.max_new_tokens)[0])
                 owners.append((i, j))
-        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=cfg.seed + 7 * t)
+        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"))
         model_scores = [[None] * len(r["candidates"] if "candidates" in r else r["responses"]) for r in rows]
         failures = total = 0
         for (i, j), v in zip(owners, verdicts):

@@ -8,6 +8,7 @@ in which order) is `jaxsr.pipeline.GRAPH`; the loop, the per-stage commands, the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -86,13 +87,11 @@ class RunPaths:
         return name, self.stage(t, name)
 
 
-# The stream numbers of the four data stages as they were first numbered; kept so results stay comparable.
-_LEGACY_STREAMS = ("prompts", "candidates", "judgements", "pairs")
-
-
 def stage_seed(run_seed: int, iteration: int, stage: str) -> int:
-    """The base seed of a stage's random stream, a function of (run seed, iteration, stage name) only."""
-    return (run_seed * 1_000_003 + iteration * 7919 + _LEGACY_STREAMS.index(stage) * 104_729) % (2**31)
+    """The base seed of a stage's random stream: a hash of (run seed, iteration, stage name), so adding, removing or
+    reordering stages leaves every other stage's stream alone. Below 2**30: stages add chunk offsets to it."""
+    digest = hashlib.sha256(f"jaxsr/{run_seed}/{iteration}/{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % (2**30)
 
 
 @dataclasses.dataclass

@@ -109,3 +109,15 @@ def test_every_environment_is_registered_with_its_options():
         load_config(CONFIG_DIR / "tiny.yaml", ["data.options.ift_size=3"])
     with pytest.raises(ValueError, match=r"data.source='nope' is not an environment; choose one of \['arithmetic'"):
         load_config(CONFIG_DIR / "tiny.yaml", ["data.source=nope"])
+
+
+def test_stage_seeds_depend_on_run_seed_iteration_and_name_only():
+    from jaxsr.stages import stage_seed
+
+    seeds = {stage_seed(s, t, name) for s in (0, 1) for t in (1, 2) for name in ("prompts", "candidates", "eval", "new")}
+    assert len(seeds) == 16 and all(0 <= x < 2**30 for x in seeds)
+    # The same in another interpreter with another string-hash seed: nothing depends on Python's hash().
+    code = "from jaxsr.stages import stage_seed; print(stage_seed(3, 2, 'judgements'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert int(other) == stage_seed(3, 2, "judgements")
