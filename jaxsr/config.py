@@ -79,7 +79,10 @@ class ModelSection:
         `architecture` with `tokenizer`.
       tokenizer: for a from-scratch M0: "env" (the environment's tokenizer) or a tokenizer directory / hub name.
       init_seed: seed of the random M0.
-      dtype: parameter and compute dtype.
+      dtype: compute dtype: matmul operands, activations (on accelerators) and the KV cache.
+      param_dtype: storage dtype of the parameters and the AdamW state. float32 (the default) keeps master
+        weights that small updates move; with bfloat16 an update below half a bfloat16 ulp of a weight (|w|/512
+        or so: 2e-5 at |w| = 0.01) rounds away, which at the paper's DPO lr of 1e-6 is nearly every update.
       remat: rematerialisation of each decoder layer in training: none, dots, full.
     """
 
@@ -88,11 +91,18 @@ class ModelSection:
     init_seed: int = 0
     architecture: ArchitectureSection = dataclasses.field(default_factory=ArchitectureSection)
     dtype: str = "float32"
+    param_dtype: str = "float32"
     remat: str = "none"
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """load_policy's / random_policy's dtype keywords: compute `dtype`, storage `param_dtype`."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
 
 @dataclasses.dataclass

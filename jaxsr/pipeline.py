@@ -46,7 +46,7 @@ def initial_policy(ctx: Context) -> Policy:
     """M0: `model.path`, or a random decoder of `model.architecture` with the configured tokenizer."""
     cfg = ctx.cfg
     if cfg.model.path:
-        return load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=ctx.mesh)
+        return load_policy(cfg.model.path, **cfg.model.dtypes, mesh=ctx.mesh)
     from transformers import AutoTokenizer
 
     from .model.config import ModelConfig
@@ -60,7 +60,7 @@ def initial_policy(ctx: Context) -> Policy:
                        tie_word_embeddings=a.tie_word_embeddings, bos_token_id=tok.bos_token_id,
                        eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
     mesh = ctx.mesh if ctx.mesh is not None else cfg.mesh.build(mcfg.hidden_size)
-    return random_policy(mcfg, seed=cfg.model.init_seed, dtype=cfg.model.dtype, mesh=mesh, tokenizer=tok)
+    return random_policy(mcfg, seed=cfg.model.init_seed, **cfg.model.dtypes, mesh=mesh, tokenizer=tok)
 
 
 def promote(src: Path, dst: Path) -> None:

@@ -192,19 +192,24 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     from .policy import DTYPES
     from .data import bucket
 
-    m, dtype = model_cfg, np.dtype(DTYPES[run_cfg.model.dtype])
-    b = dtype.itemsize
+    m = model_cfg
+    # b: bytes of the compute dtype (activations, KV cache); pb: of the storage dtype (params, AdamW state).
+    b, pb = (np.dtype(DTYPES[d]).itemsize for d in (run_cfg.model.dtype, run_cfg.model.param_dtype))
     sizes = mesh_sizes(run_cfg.mesh, devices, m.hidden_size)
     t, dp = sizes["tensor"], sizes["data"] * sizes["fsdp"]  # batches are split over data x fsdp
     elems, repl = param_elements_per_device(m, sizes)
-    moments = optimizer_dtypes(run_cfg, dtype)
+    moments = optimizer_dtypes(run_cfg, DTYPES[run_cfg.model.param_dtype])
     per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
-    out = {"params": elems * b, "optimizer": elems * sum(np.dtype(d).itemsize for d in moments),
+    out = {"params": elems * pb, "optimizer": elems * sum(np.dtype(d).itemsize for d in moments),
+           # Policy.for_compute: the parameters in the compute dtype for sampling and reference log-probs, made
+           # once per loaded model and kept with it (so also through the DPO that follows in the same process).
+           "compute_params": elems * b if b != pb else 0,
            # float32 accumulation (train.batch_grads); with grad_accum > 1 the micro-batch's gradient too.
            "gradients": elems * 4 * (2 if run_cfg.dpo.grad_accum > 1 or run_cfg.sft.grad_accum > 1 else 1),
-           "reference": elems * b if run_cfg.dpo.reference == "on_the_fly" else 0,
-           # FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`.
-           "gathered_weights": b * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t}
+           "reference": elems * pb if run_cfg.dpo.reference == "on_the_fly" else 0,
+           # FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`;
+           # in the storage dtype (an upper bound for sampling, which gathers the compute copy).
+           "gathered_weights": pb * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t}
     rows = {}
     for stage in ("sft", "dpo"):
         sec = getattr(run_cfg, stage)
@@ -225,17 +230,18 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     rows["sample"] = -(-s.max_batch_rows // dp)
     out["kv_cache"] = 2 * m.num_layers * rows["sample"] * slots * (m.num_kv_heads // t) * m.head_dim * b
     out["sample_logits"] = rows["sample"] * m.vocab_size * 4 // t
-    train = out["params"] + out["optimizer"] + out["gradients"] + out["gathered_weights"]
+    held = out["params"] + out["compute_params"] + out["gathered_weights"]
+    train = held + out["optimizer"] + out["gradients"]
     peaks = {"sft": train + out["sft_activations"] + out["sft_logits"],
              "dpo": train + out["reference"] + out["dpo_activations"] + out["dpo_logits"],
-             "sample": out["params"] + out["gathered_weights"] + out["kv_cache"] + out["sample_logits"]}
+             "sample": held + out["kv_cache"] + out["sample_logits"]}
     capacity = accelerator_bytes(accelerator)
     usable = int(capacity * USABLE_FRACTION)
     return {"model": {"model_type": m.model_type, "num_params": m.num_params, "layers": m.num_layers,
                       "hidden": m.hidden_size, "heads": m.num_heads, "kv_heads": m.num_kv_heads, "vocab": m.vocab_size},
             "accelerator": accelerator, "device_bytes": capacity, "usable_bytes": usable, "devices": devices,
-            "mesh": sizes, "dtype": run_cfg.model.dtype, "remat": run_cfg.model.remat,
-            "optimizer_dtypes": [np.dtype(d).name for d in moments], "float32_master_copy": False,
+            "mesh": sizes, "dtype": run_cfg.model.dtype, "param_dtype": run_cfg.model.param_dtype,
+            "remat": run_cfg.model.remat, "optimizer_dtypes": [np.dtype(d).name for d in moments],
             "replicated_param_elements": repl, "rows_per_device": rows, "kv_slots": slots,
             "bytes": out, "peaks": peaks, "peak": max(peaks.values()), "fits": max(peaks.values()) <= usable}
 
@@ -243,9 +249,9 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
 def format_plan(p: dict, source: str) -> str:
     g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
     bt, r, ms = p["bytes"], p["rows_per_device"], p["mesh"]
-    master = ", no float32 master copy" if p["dtype"] != "float32" else ""
-    rows = [(f"parameters ({p['dtype']}{master})", bt["params"]),
+    rows = [(f"parameters ({p['param_dtype']} storage)", bt["params"]),
             ("optimizer: AdamW " + " + ".join(p["optimizer_dtypes"]) + " moments", bt["optimizer"]),
+            (f"{p['dtype']} copy of the parameters for inference", bt["compute_params"]),
             ("gradients (float32 accumulation)", bt["gradients"]),
             ("DPO reference params (dpo.reference=on_the_fly)", bt["reference"]),
             ("all-gathered weights (2 layers + vocab matrix)", bt["gathered_weights"]),
@@ -258,7 +264,7 @@ def format_plan(p: dict, source: str) -> str:
     lines = [f"model     {source}: {p['model']['model_type']}, {p['model']['num_params']:,} parameters",
              f"hardware  {p['devices']} x {p['accelerator']} ({p['device_bytes'] / GiB:.1f} GiB each, "
              f"{p['usable_bytes'] / GiB:.1f} GiB usable at {USABLE_FRACTION:.0%})",
-             f"mesh      data={ms['data']} fsdp={ms['fsdp']} tensor={ms['tensor']}; dtype {p['dtype']}; remat {p['remat']}",
+             f"mesh      data={ms['data']} fsdp={ms['fsdp']} tensor={ms['tensor']}; compute {p['dtype']}, storage {p['param_dtype']}; remat {p['remat']}",
              "", f"{'per device':<56}{'GiB':>10}"]
     lines += [f"{name:<56}{g(v)}" for name, v in rows]
     lines += [""] + [f"{'peak ' + k:<56}{g(v)}" for k, v in p["peaks"].items()]

@@ -40,7 +40,9 @@ class Policy:
       params: nested dict of jax.Arrays (see `jaxsr.model.decoder.param_shapes`).
       tokenizer: a transformers tokenizer, or None for a weights-only directory.
       mesh: the (data, fsdp, tensor) mesh the parameters live on.
-      dtype: compute dtype name ("float32" or "bfloat16"); parameters are stored in this dtype too.
+      dtype: compute dtype name ("float32" or "bfloat16"): the matmuls' operands and the KV cache. The
+        parameters keep their own storage dtype (`param_dtype`); training updates them there (float32 master
+        weights) and inference uses `for_compute()`, a copy in `dtype` made once.
       hf_config: the config.json the model came from (kept so export writes back fields we do not model).
       generation_config: generation_config.json contents (EOS ids, ...), or {}.
     """
@@ -53,6 +55,23 @@ class Policy:
     hf_config: dict | None = None
     generation_config: dict = dataclasses.field(default_factory=dict)
     rules: ShardingRules = DEFAULT_RULES
+    # The compute-dtype copy for_compute() made; dataclasses.replace (with_params, a trained policy) drops it.
+    _compute: "Policy | None" = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def param_dtype(self) -> str:
+        """The dtype the parameters are stored (and, in training, updated) in."""
+        return jnp.dtype(jax.tree.leaves(self.params)[0].dtype).name
+
+    def for_compute(self) -> "Policy":
+        """This policy with its parameters in the compute dtype, for sampling and log-probs; the copy is made on
+        the first call and kept (the policy itself when storage and compute dtypes agree)."""
+        if self.param_dtype == self.dtype:
+            return self
+        if self._compute is None:
+            self._compute = self.with_params(_cast(self.params, self.dtype, param_shardings(self.config, self.mesh,
+                                                                                            self.rules)))
+        return self._compute
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -93,6 +112,10 @@ def _resolve_mesh(mesh, cfg: ModelConfig):
     if isinstance(mesh, jax.sharding.Mesh):
         return mesh
     raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+
+
+def _cast(params: decoder.Params, dtype: str, shardings) -> decoder.Params:
+    return jax.jit(lambda p: jax.tree.map(lambda a: a.astype(DTYPES[dtype]), p), out_shardings=shardings)(params)
 
 
 def _check_dtype(dtype: str) -> str:
@@ -136,25 +159,31 @@ def _resolve_path(path) -> Path:
     raise FileNotFoundError(f"{path}: no such model directory (expected a Hugging Face model directory or a jaxsr checkpoint)")
 
 
-def load_policy(path, *, dtype: str = "float32", mesh=None, rules: ShardingRules = DEFAULT_RULES) -> Policy:
-    """Loads an HF model directory (or hub name) or a jaxsr checkpoint onto `mesh` (default: all local devices)."""
+def load_policy(path, *, dtype: str = "float32", param_dtype: str | None = None, mesh=None,
+                rules: ShardingRules = DEFAULT_RULES) -> Policy:
+    """Loads an HF model directory (or hub name) or a jaxsr checkpoint onto `mesh` (default: all local devices).
+
+    `dtype` is the compute dtype; the parameters are stored in `param_dtype` (default: `dtype`).
+    """
     dtype = _check_dtype(dtype)
+    param_dtype = _check_dtype(param_dtype or dtype)
     path = _resolve_path(path)
     if (path / JAXSR_MODEL_FILE).is_file():
-        return _load_jaxsr(path, dtype, mesh, rules)
+        return _load_jaxsr(path, dtype, param_dtype, mesh, rules)
     cfg, hf_cfg = read_hf_config(path)
     mesh = _resolve_mesh(mesh, cfg)
-    params = hf.load_params(path, cfg, mesh, DTYPES[dtype], rules)
+    params = hf.load_params(path, cfg, mesh, DTYPES[param_dtype], rules)
     return Policy(cfg, params, _load_tokenizer(path), mesh, dtype, hf_cfg,
                   _read_json(path / "generation_config.json"), rules)
 
 
-def random_policy(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32", mesh=None, tokenizer=None,
-                  rules: ShardingRules = DEFAULT_RULES) -> Policy:
+def random_policy(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32", param_dtype: str | None = None,
+                  mesh=None, tokenizer=None, rules: ShardingRules = DEFAULT_RULES) -> Policy:
     """A freshly initialised policy (M0 of a from-scratch run), created directly on its shardings."""
     dtype = _check_dtype(dtype)
+    param_dtype = _check_dtype(param_dtype or dtype)
     mesh = _resolve_mesh(mesh, cfg)
-    init = jax.jit(functools.partial(decoder.init_params, cfg, dtype=DTYPES[dtype]),
+    init = jax.jit(functools.partial(decoder.init_params, cfg, dtype=DTYPES[param_dtype]),
                    out_shardings=param_shardings(cfg, mesh, rules))
     return Policy(cfg, init(jax.random.key(seed)), tokenizer, mesh, dtype, None, {}, rules)
 
@@ -176,7 +205,8 @@ def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Pa
         ckptr.save(out / "params", policy.params)
         ckptr.wait_until_finished()
     if distributed.is_primary():
-        meta = {"format": FORMAT_VERSION, "model": policy.config.to_dict(), "dtype": policy.dtype,
+        # "dtype": the stored dtype of params/ (float32 master weights stay float32).
+        meta = {"format": FORMAT_VERSION, "model": policy.config.to_dict(), "dtype": policy.param_dtype,
                 "hf_config": policy.hf_config, "extra": extra or {}}
         if policy.tokenizer is not None:
             policy.tokenizer.save_pretrained(str(out / "tokenizer"))
@@ -188,7 +218,7 @@ def save_checkpoint(policy: Policy, out_dir, *, extra: dict | None = None) -> Pa
     return out
 
 
-def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
+def _load_jaxsr(path: Path, dtype: str, param_dtype: str, mesh, rules: ShardingRules) -> Policy:
     meta_file = path / JAXSR_MODEL_FILE
     meta = _read_json(meta_file)
     if meta.get("format") != FORMAT_VERSION:
@@ -207,8 +237,8 @@ def _load_jaxsr(path: Path, dtype: str, mesh, rules: ShardingRules) -> Policy:
         raise FileNotFoundError(f"{params_dir}: missing (the checkpoint {path} is incomplete)")
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_dir, abstract)
-    if DTYPES[dtype] != saved_dtype:
-        params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(DTYPES[dtype]), p), out_shardings=shardings)(params)
+    if DTYPES[param_dtype] != saved_dtype:
+        params = _cast(params, param_dtype, shardings)
     tok_dir = path / "tokenizer"
     tokenizer = _load_tokenizer(tok_dir) if tok_dir.is_dir() else None
     return Policy(cfg, params, tokenizer, mesh, dtype, meta.get("hf_config"), _read_json(path / "generation_config.json"), rules)
@@ -223,7 +253,7 @@ def save_hf(policy: Policy, out_dir, *, dtype: str | None = None, max_shard_byte
     write = distributed.is_primary()
     if write:
         out.mkdir(parents=True, exist_ok=True)
-    dtype = _check_dtype(dtype or policy.dtype)
+    dtype = _check_dtype(dtype or policy.param_dtype)
     np_dtype = np.dtype(jnp.dtype(DTYPES[dtype]))
     hf.save_hf_weights(policy.params, policy.config, out, dtype=np_dtype, max_shard_bytes=max_shard_bytes, write=write)
     if write:
@@ -279,6 +309,7 @@ def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
     n = len(ids)
+    policy = policy.for_compute()
     m = batch_multiple(policy.mesh)
     fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
     b2 = batch_sharding(policy.mesh, 2, policy.rules)

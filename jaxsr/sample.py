@@ -290,6 +290,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         raise ValueError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
     if len(prompts) == 0:
         return []
+    policy = policy.for_compute()  # parameters in the compute dtype (the KV cache's), cast once per policy
     cfg = policy.config
     ids = [_fit(p, i, max_new_tokens, cfg.max_position_embeddings, truncate_prompts)
            for i, p in enumerate(_tokenize(policy, prompts))]

@@ -323,7 +323,7 @@ def _prompts(ctx: Context) -> dict:
     elif gen:
         from .policy import load_policy
 
-        policy = load_policy(gen, dtype=ctx.cfg.model.dtype, mesh=ctx.mesh)
+        policy = load_policy(gen, dtype=ctx.cfg.model.dtype, mesh=ctx.mesh)  # only samples: stored as it computes
     else:
         policy = ctx.policy()
     return generate_prompts(policy, ctx.split("seed_prompts")["prompt"], ctx.path("prompts"), ctx.cfg, ctx.t,

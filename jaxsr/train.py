@@ -163,6 +163,7 @@ def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 
     """
     toks, _ = data_lib.tokenize_pairs(policy.tokenizer, pairs, max_length=max_length, overlong=overlong,
                                       where="reference log-probs")
+    policy = policy.for_compute()
     fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
     m, rows_sh = batch_multiple(policy.mesh), batch_sharding(policy.mesh, rules=policy.rules)
     keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask") + (("branch",) if shared_prompt else ())
@@ -231,22 +232,25 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
         done = json.loads((final_dir / JAXSR_MODEL_FILE).read_text()).get("extra", {})
         _check_same_run(done, run_meta, final_dir)
         log.info("%s: %s already holds the final model of this run; loading it", stage, final_dir)
-        return load_policy(final_dir, dtype=policy.dtype, mesh=mesh, rules=policy.rules)
+        return load_policy(final_dir, dtype=policy.dtype, param_dtype=policy.param_dtype, mesh=mesh, rules=policy.rules)
     if final_dir.exists() and distributed.is_primary():
         shutil.rmtree(final_dir)  # a final save cut short; it is redone from the last step checkpoint
     distributed.barrier(f"{stage}: clear {final_dir}")
 
     cfg, rules = policy.config, policy.rules
-    dtype = DTYPES[compute_dtype or policy.dtype]
+    # Parameters and AdamW state are updated in the policy's storage dtype; the forward runs in the compute dtype.
+    dtype, param_dtype = DTYPES[compute_dtype or policy.dtype], DTYPES[policy.param_dtype]
+    if policy.param_dtype == "bfloat16":
+        _warn_bfloat16_storage(stage, section.lr)
     total = plan.total_steps
-    tx, train_step, state_sh = _step_for(objective, cfg, mesh, total, dtype, remat, rules, DTYPES[policy.dtype])
+    tx, train_step, state_sh = _step_for(objective, cfg, mesh, total, dtype, remat, rules, param_dtype)
     opts = ocp.CheckpointManagerOptions(max_to_keep=section.keep_checkpoints, create=True,
                                         enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(steps_dir, options=opts)
     start = mngr.latest_step() or 0
     if start:
         restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state(cfg, tx, DTYPES[policy.dtype], state_sh)),
+            state=ocp.args.StandardRestore(abstract_state(cfg, tx, param_dtype, state_sh)),
             meta=ocp.args.JsonRestore()))
         _check_same_run(restored.meta, run_meta, steps_dir / str(start))
         state = restored.state
@@ -306,6 +310,16 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
     save_checkpoint(trained, final_dir, extra=run_meta | {"steps": total})
     log.info("%s: wrote %s after %d steps", stage, final_dir, total)
     return trained
+
+
+def _warn_bfloat16_storage(stage: str, lr: float) -> None:
+    # An AdamW step moves a weight by about lr; bfloat16 keeps 8 significant bits, so half an ulp of w is
+    # |w| * 2^-9 to 2^-8 and a smaller step rounds back to w.
+    log.warning("%s: model.param_dtype=bfloat16 stores the parameters and AdamW state in bfloat16; an AdamW step of "
+                "about lr %g is below half a bfloat16 ulp of every weight larger than about 512 * lr = %.1e in "
+                "magnitude (for |w| = 0.01 half an ulp is 3e-5), so those updates round away and the model barely "
+                "changes. Use model.param_dtype=float32 (float32 master weights, compute in model.dtype)",
+                stage, lr, 512 * lr)
 
 
 def _check_same_run(meta: dict, want: dict, where: Path) -> None:

@@ -66,6 +66,7 @@ def test_yaml_list_at_top_level_is_rejected(tmp_path):
     (["sample.top_p=0"], r"sample.top_p=0.0 must be in \(0, 1\]"),
     (["sft.batch_size=10", "sft.grad_accum=3"], r"sft.batch_size=10 is not divisible by sft.grad_accum=3"),
     (["model.dtype=float16"], r"model.dtype='float16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
+    (["model.param_dtype=fp16"], r"model.param_dtype='fp16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
     (["loop.iterations=0"], r"loop.iterations=0 must be > 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, pattern):

@@ -58,10 +58,11 @@ def test_plan_memory_hand_calculation():
     p = plan.plan_memory(TINY, tiny_run(), devices=8, accelerator="tpu-v5e")
     b, elems = 4, 11392  # float32
     assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert p["optimizer_dtypes"] == ["float32", "float32"] and p["float32_master_copy"] is False
+    assert p["optimizer_dtypes"] == ["float32", "float32"] and p["param_dtype"] == "float32"
     bt = p["bytes"]
     assert bt["params"] == elems * b == 45568
     assert bt["optimizer"] == 2 * elems * 4  # AdamW mu and nu in the params' dtype (float32 here)
+    assert bt["compute_params"] == 0  # compute dtype = storage dtype: inference uses the parameters themselves
     assert bt["gradients"] == 2 * elems * 4  # float32 accumulator + micro-batch gradient (dpo.grad_accum=2)
     assert bt["reference"] == 0
     # One layer's weights (twice) and the vocab matrix, split over tensor=2: 2 * 37120 + 6400 elements.
@@ -90,11 +91,28 @@ def test_plan_memory_hand_calculation():
     assert p["fits"] and p["usable_bytes"] == int(16 * 2**30 * plan.USABLE_FRACTION)
 
 
-def test_bfloat16_moments_and_on_the_fly_reference():
+def test_bfloat16_compute_keeps_float32_master_weights_and_adam_state():
     p = plan.plan_memory(TINY, tiny_run("model.dtype=bfloat16", "dpo.reference=on_the_fly"), devices=8, accelerator="h100")
-    # optax.adamw keeps mu and nu in the parameters' dtype; jaxsr keeps no float32 master copy.
+    elems, bt = 11392, p["bytes"]
+    assert p["param_dtype"] == "float32" and p["optimizer_dtypes"] == ["float32", "float32"]
+    assert bt["params"] == elems * 4 == 45568  # float32 master weights
+    assert bt["optimizer"] == 2 * elems * 4 == 91136  # float32 mu and nu
+    assert bt["compute_params"] == elems * 2 == 22784  # the bfloat16 copy sampling and reference log-probs use
+    assert bt["reference"] == elems * 4  # on_the_fly: the starting policy's own (float32) parameters
+    assert bt["gathered_weights"] == 4 * (2 * 37120 + 100 * 64) // 2 == 161280  # gathered in the storage dtype
+    assert bt["kv_cache"] == 2 * 2 * 2 * 48 * 1 * 16 * 2 == 12288  # the cache is in the compute dtype
+    assert p["peaks"]["sample"] == 45568 + 22784 + 161280 + 12288 + bt["sample_logits"]
+    assert p["peaks"]["dpo"] == (45568 + 22784 + 161280 + 91136 + bt["gradients"] + bt["reference"]
+                                 + bt["dpo_activations"] + bt["dpo_logits"])
+
+
+def test_explicit_bfloat16_storage_has_bfloat16_moments_and_no_copy():
+    p = plan.plan_memory(TINY, tiny_run("model.dtype=bfloat16", "model.param_dtype=bfloat16"), devices=8,
+                         accelerator="h100")
+    # optax.adamw keeps mu and nu in the parameters' dtype.
     assert p["optimizer_dtypes"] == ["bfloat16", "bfloat16"]
-    assert p["bytes"]["optimizer"] == 2 * 11392 * 2 and p["bytes"]["reference"] == 11392 * 2
+    assert p["bytes"]["params"] == 11392 * 2 and p["bytes"]["optimizer"] == 2 * 11392 * 2
+    assert p["bytes"]["compute_params"] == 0
 
 
 @pytest.mark.parametrize("remat,grad_accum,shared", [("none", 1, True), ("dots", 1, True), ("full", 2, True),
@@ -161,9 +179,12 @@ def test_paper_70b_totals():
     replicated = 80 * 2 * 8192 + 8192
     assert (model.num_params - replicated) % 64 == 0
     assert p["replicated_param_elements"] == replicated
-    assert p["bytes"]["params"] == 2 * ((model.num_params - replicated) // 64 + replicated) == 2_158_116_864
+    elems = (model.num_params - replicated) // 64 + replicated
+    # float32 master weights and moments; bfloat16 compute (model.dtype) adds the inference copy.
+    assert p["bytes"]["params"] == 4 * elems == 4_316_233_728
+    assert p["bytes"]["optimizer"] == 8 * elems and p["bytes"]["compute_params"] == 2 * elems
     assert p["fits"]
-    # On 8 H100s the bf16 weights, moments and float32 gradients alone are 10 bytes x 69e9 / 8 > 80 GiB.
+    # On 8 H100s the float32 weights, moments and gradients alone are 16 bytes x 69e9 / 8 > 80 GiB.
     assert not plan.plan_memory(model, run, devices=8, accelerator="h100")["fits"]
 
 

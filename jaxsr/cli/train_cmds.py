@@ -22,7 +22,7 @@ def _cmd(stage: str, args) -> int:
     if not cfg.model.path:
         raise ValueError("model.path is required: pass model.path=DIR (a Hugging Face model directory or a jaxsr checkpoint)")
     out = Path(args.out)
-    policy = load_policy(cfg.model.path, dtype=cfg.model.dtype, mesh=run_mesh(cfg))
+    policy = load_policy(cfg.model.path, **cfg.model.dtypes, mesh=run_mesh(cfg))
     distributed.check_batches({stage: section}, policy.mesh)
     try:
         if stage == "sft":
