@@ -1,8 +1,5 @@
-"""A small example environment: adding two numbers, graded by a checker (docs/architecture.md).
-
-It shows what a new environment needs, one module and a `register`: seed data, a prompt source, a grader and
-the report's columns. It reuses the world's tokenizer, which spells digits.
-"""
+"""An example environment (docs/architecture.md): seed data, a prompt source, a grader and report columns in one
+module with a `register`. Adds two numbers; reuses the world's tokenizer, which spells digits."""
 
 from __future__ import annotations
 
@@ -18,21 +15,21 @@ JUDGE_TEMPLATE = ("Check the answer. Score: 5 if it is the right number, else 0.
 _NUMBER = re.compile(r"-?\d+")
 
 
-@dataclasses.dataclass
-class ArithmeticOptions:
-    """`train` questions for IFT and as many graded answers for EFT; `held_out` for eval and half as many for
-    rm_eval; operands drawn from 0..max_operand."""
-
-    train: int = 200
-    held_out: int = 50
-    max_operand: int = 20
-
-
 @register
 class Arithmetic(Environment):
+    """Questions "What is a + b?", graded 1 when the first number in the answer is the sum."""
+
     name = "arithmetic"
-    Options = ArithmeticOptions
     report_columns = (("accuracy", "accuracy", "{:.1%}"),)
+
+    @dataclasses.dataclass
+    class Options:
+        """`train` questions for IFT and as many graded answers for EFT; `held_out` for eval and half as many for
+        rm_eval; operands drawn from 0..max_operand."""
+
+        train: int = 200
+        held_out: int = 50
+        max_operand: int = 20
 
     def _question(self, rng: random.Random) -> tuple[str, int]:
         a, b = rng.randint(0, self.options.max_operand), rng.randint(0, self.options.max_operand)

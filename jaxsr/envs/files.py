@@ -8,23 +8,23 @@ from ..config import ConfigValueError
 from . import Environment, register
 
 
-@dataclasses.dataclass
-class FilesOptions:
-    """Attributes:
-      ift_path: {prompt, response} records for SFT (required).
-      eft_path: optional {prompt, response} judge-training records.
-      prompts_path: records whose `prompt` column seeds Self-Instruct (default: the IFT prompts).
-    """
-
-    ift_path: str = ""
-    eft_path: str = ""
-    prompts_path: str = ""
-
-
 @register
 class Files(Environment):
+    """IFT (and EFT) records and seed prompts read from files; no grader, no evaluation sets."""
+
     name = "files"
-    Options = FilesOptions
+
+    @dataclasses.dataclass
+    class Options:
+        """Attributes:
+          ift_path: {prompt, response} records for SFT (required).
+          eft_path: optional {prompt, response} judge-training records.
+          prompts_path: records whose `prompt` column seeds Self-Instruct (default: the IFT prompts).
+        """
+
+        ift_path: str = ""
+        eft_path: str = ""
+        prompts_path: str = ""
 
     def seed_data(self, seed: int) -> dict[str, list[dict]]:
         from ..data import load_sft

@@ -9,26 +9,26 @@ from typing import Sequence
 from . import Environment, register
 
 
-@dataclasses.dataclass
-class WorldOptions:
-    """Sizes of the world's splits (all seeded by the run's seed).
-
-    Attributes:
-      ift / eft: SFT examples (perfect answers) and judge-training examples (graded degraded answers).
-      eval: held-out instructions for the world score; rm_eval: held-out ranked candidates for the judge.
-    """
-
-    ift: int = 2000
-    eft: int = 2000
-    eval: int = 200
-    rm_eval: int = 100
-
-
 @register
 class World(Environment):
+    """The world of docs/world.md: list-writing tasks graded by their five criteria."""
+
     name = "world"
-    Options = WorldOptions
     report_columns = (("world_score", "world score (0-5)", "{:.2f}"), ("world_perfect", "perfect", "{:.1%}"))
+
+    @dataclasses.dataclass
+    class Options:
+        """Sizes of the world's splits (all seeded by the run's seed).
+
+        Attributes:
+          ift / eft: SFT examples (perfect answers) and judge-training examples (graded degraded answers).
+          eval: held-out instructions for the world score; rm_eval: held-out ranked candidates for the judge.
+        """
+
+        ift: int = 2000
+        eft: int = 2000
+        eval: int = 200
+        rm_eval: int = 100
 
     def seed_data(self, seed: int) -> dict[str, list[dict]]:
         from ..world.data import world_records
