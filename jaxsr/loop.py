@@ -84,8 +84,11 @@ class Manifest:
         if saved is not None:
             self.data = saved
             have, new = _flatten(self.data["config"]), _flatten(want)
+            # A key added to jaxsr after the run started, at its default, is what the run computed all along.
+            defaults = _flatten(to_dict(JaxsrConfig()))
             diff = sorted(k for k in set(have) | set(new) if have.get(k, "<unset>") != new.get(k, "<unset>")
-                          and not k.startswith(_NOT_IDENTITY))
+                          and not k.startswith(_NOT_IDENTITY)
+                          and not (k not in have and k in defaults and new[k] == defaults[k]))
             if diff:
                 detail = ", ".join(f"{k}: {have.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff[:10])
                 raise ConfigMismatch(f"{run_dir} was started with a different config ({len(diff)} keys differ: {detail}); "

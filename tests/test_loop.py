@@ -130,3 +130,11 @@ def test_changed_config_is_refused(tmp_path):
     other = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", "dpo.beta=0.2", "sample.num_samples=2"])
     with pytest.raises(ConfigMismatch, match=r"2 keys differ: dpo.beta: 0.1 -> 0.2, sample.num_samples: 4 -> 2"):
         Manifest(tmp_path, other)
+    # A key jaxsr added since the run started is no difference at its default value, and one otherwise.
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    del saved["config"]["judge"]["exclude_truncated"]
+    (tmp_path / "manifest.json").write_text(json.dumps(saved))
+    Manifest(tmp_path, cfg)
+    changed = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path}", "judge.exclude_truncated=true"])
+    with pytest.raises(ConfigMismatch, match=r"judge.exclude_truncated: '<unset>' -> True"):
+        Manifest(tmp_path, changed)
