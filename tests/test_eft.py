@@ -136,6 +136,7 @@ def test_build_eft_runs_the_bootstrap_on_open_assistant(tmp_path, fixtures_dir):
     assert rows[0]["judge_pairwise_accuracy"] is not None  # the reward-model table's first row
 
 
+@pytest.mark.slow  # ~40 s: three partial runs
 def test_build_eft_resumes_to_the_same_dataset(tmp_path, fixtures_dir):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     with pytest.raises(SystemExit, match="stopped after stage eft_judge"):
