@@ -114,10 +114,15 @@ class DataSection:
         JSONL / HF-datasets files), arithmetic (the small example), or one you registered.
       options: the environment's own keys (e.g. world: ift, eft, eval, rm_eval sizes; oasst: path, num_ift;
         files: ift_path, eft_path, prompts_path), checked against its Options dataclass.
+      build_eft: build the EFT seed as the paper does (section `eft`): train an SFT baseline on IFT alone,
+        let it judge the environment's human-ranked responses (its `eft_source` split), keep the judgements
+        whose scores agree with the human ranking; M1 then trains on IFT + that EFT. Off: the environment's own
+        EFT split, if any (the world builds its own).
     """
 
     source: str = "world"
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    build_eft: bool = False
 
 
 @dataclasses.dataclass
@@ -355,6 +360,30 @@ class PairsSection:
             raise ConfigValueError(f"pairs.length_control={self.length_control!r} must be in [0, 1]")
 
 
+@dataclasses.dataclass
+class EftSection:
+    """Building the EFT seed from human-ranked responses (`data.build_eft`; paper §3.1.1, jaxsr/eft.py).
+
+    Attributes:
+      judgements_per_response: judgements the SFT baseline samples of each response (judge.mode=expected: one);
+        a prompt's j-th judgements of its responses form its j-th judgement set, kept when it agrees with the
+        human ranking.
+      eval_fraction: share of the ranked prompts held out, by a hash of the prompt, as the reward-model eval set
+        (data/rm_eval) when the environment gives none; an environment's own rm_eval is used as it is.
+      rebalance: down-sample the most common score to the count of the next most common one (the paper discards
+        part of its most common score, 4).
+    """
+
+    judgements_per_response: int = 1
+    eval_fraction: float = 0.25
+    rebalance: bool = True
+
+    def __post_init__(self):
+        _positive("eft.judgements_per_response", self.judgements_per_response)
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigValueError(f"eft.eval_fraction={self.eval_fraction!r} must be in [0, 1)")
+
+
 def _sft_defaults() -> SftSection:
     # Paper §3.1.3: 5.5e-6 cosine-decayed to 1.1e-6, batch 16, dropout 0.1, loss on target tokens only.
     return SftSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
@@ -381,6 +410,7 @@ class JaxsrConfig:
     prompts: PromptsSection = dataclasses.field(default_factory=PromptsSection)
     judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
     pairs: PairsSection = dataclasses.field(default_factory=PairsSection)
+    eft: EftSection = dataclasses.field(default_factory=EftSection)
     sft: SftSection = dataclasses.field(default_factory=_sft_defaults)
     dpo: DpoSection = dataclasses.field(default_factory=_dpo_defaults)
 

@@ -164,7 +164,7 @@ def run(cfg: JaxsrConfig, *, mesh=None, stop_after: str | None = None, graph: Gr
             if distributed.is_primary():
                 print(f"run {root} is already complete; nothing to do. Report: {root / 'report.md'}")
             return json.loads((root / "report.json").read_text())
-        for phase, t, stage in graph.schedule(cfg.loop.iterations):
+        for phase, t, stage in graph.schedule(cfg.loop.iterations, cfg):
             key = stage.key(phase, t)
             if manifest.done(key):
                 continue

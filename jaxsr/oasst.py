@@ -75,10 +75,11 @@ def load_oasst(source, *, split: str = "train", cache_dir: str | None = None) ->
     return ds, ", ".join(files)
 
 
-def _tree_in_eval(tree_id: str, eval_fraction: float, split_seed: int) -> bool:
-    # A hash of the tree id, not a shuffle: a tree's side never depends on row order or on which other
-    # trees are present, so oasst1 and oasst2 put a shared tree on the same side.
-    h = hashlib.sha256(f"{split_seed}:{tree_id}".encode()).digest()
+def in_eval_split(key: str, eval_fraction: float, split_seed: int) -> bool:
+    """Whether `key` (a tree id, a prompt) falls on the eval side: a hash of the key, not a shuffle, so a key's side
+    never depends on row order or on which other keys are present (oasst1 and oasst2 put a shared tree on the same
+    side)."""
+    h = hashlib.sha256(f"{split_seed}:{key}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < eval_fraction
 
 
@@ -141,7 +142,7 @@ def build_oasst_seeds(source, *, num_ift: int | None = 3200, lang: str | None = 
                 ranked.append((rank, rep["text"]))
         ranked.sort(key=lambda x: x[0])  # stable: equal ranks keep table order
         tree = root["message_tree_id"]
-        in_eval = _tree_in_eval(tree, eval_fraction, split_seed)
+        in_eval = in_eval_split(tree, eval_fraction, split_seed)
         if ranked and ranked[0][0] == 0:
             # Exactly rank 0: when the rank-0 reply was deleted, rank 1 is not promoted to "best".
             stats["ift_candidates"] += 1

@@ -1,6 +1,8 @@
 """The stage graph of `jaxsr run` and the stages that are not self-rewarding data (jaxsr.selfreward has those).
 
     bootstrap (iteration 0):  data ─► sft (M0 → M1) ─► eval (M1)
+      with data.build_eft:    data ─► sft_baseline (M0 → baseline) ─► eft_judge ─► eft_build ─► baseline_eval
+                                   ─► sft (IFT + EFT: M0 → M1) ─► eval (M1)          (jaxsr.eft)
     iteration t = 1 .. T-1:   prompts ─► candidates ─► judgements ─► pairs ─► dpo (M_t → M_{t+1}) ─► eval (M_{t+1})
     final:                    report
 
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from . import artifacts, distributed, evaluate, selfreward
+from .eft import EFT_BUILD, EFT_JUDGE
 from .envs import SEED_SPLITS
 from .policy import Policy, load_policy, random_policy
-from .stages import Context, Graph, Stage, stage_seed
+from .stages import Context, Graph, Stage, stage_seed, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,11 @@ def _data(ctx: Context) -> dict:
     if unknown or missing:
         raise ValueError(f"environment {ctx.env.name!r}: seed_data gave splits {sorted(splits)}; "
                          f"required: ift, seed_prompts; allowed: {', '.join(SEED_SPLITS)}")
+    if ctx.cfg.data.build_eft and ("eft_source" not in splits or "eft" in splits):
+        raise ValueError(f"data.build_eft: environment {ctx.env.name!r} gave splits {sorted(splits)}; building EFT "
+                         f"needs its ranked responses (eft_source) and no EFT of its own (eft)")
     for name, rows in splits.items():
-        w = artifacts.ShardedWriter(ctx.paths.data(name), shard_size=max(1, len(rows)))
-        if w.done_rows() == 0:
-            w.extend(rows)
-        w.finalize()
+        write_rows(ctx.paths.data(name), rows)
     return {"splits": sorted(splits)}
 
 
@@ -72,16 +75,18 @@ def promote(src: Path, dst: Path) -> None:
     distributed.barrier(f"promote {dst}")
 
 
-def _sft(ctx: Context) -> None:
+def sft_from_m0(ctx: Context, splits: tuple[str, ...], work: str, model: str) -> None:
+    """SFT of M0 on the seed splits that exist among `splits` (run_dir/train/<work>), promoted to the artifact
+    `model`."""
     from .train import train_sft
 
     rows = []
-    for split in ("ift", "eft"):
+    for split in splits:
         ds = ctx.split(split)
         if ds is not None:
             rows += ds.select_columns(["prompt", "response"]).to_list()
-    train_sft(initial_policy(ctx), rows, ctx.cfg.sft, ctx.paths.train("sft"), remat=ctx.cfg.model.remat)
-    promote(ctx.paths.train("sft") / "final", ctx.path("M_next"))
+    train_sft(initial_policy(ctx), rows, ctx.cfg.sft, ctx.paths.train(work), remat=ctx.cfg.model.remat)
+    promote(ctx.paths.train(work) / "final", ctx.path(model))
 
 
 def _dpo(ctx: Context) -> None:
@@ -145,18 +150,31 @@ def _eval(ctx: Context) -> None:
     artifacts.write_json_atomic(ctx.path("eval"), evaluate_policy(ctx.policy(ctx.t + 1), ctx, ctx.t + 1))
 
 
+def _baseline_eval(ctx: Context) -> None:
+    # Iteration 0 in the figures (its judge stream is eval's at t = 0, which no M_t evaluation uses).
+    artifacts.write_json_atomic(ctx.path("baseline_eval"), evaluate_policy(ctx.policy("baseline"), ctx, 0))
+
+
+def _eval_row(ctx: Context, ev: dict) -> dict:
+    row = {key: ev.get(key) for key, _, _ in ctx.env.report_columns}
+    return row | {k: ev.get(k) for k in ("judge_pairwise_accuracy", "judge_five_best", "judge_exact_match",
+                                         "judge_spearman", "judge_kendall_tau", "eval_mean_tokens")}
+
+
 def report_rows(ctx: Context) -> list[dict]:
-    """One row per model M_t: the environment's figures, the judge's, and the data M_t generated."""
+    """One row per model M_t (after the SFT baseline's, when the run trained one): the environment's figures, the
+    judge's, and the data M_t generated."""
     rows = []
+    baseline = ctx.paths.eval("baseline")
+    if ctx.paths.model("baseline").is_dir() and baseline.is_file():
+        ev = json.loads(baseline.read_text())
+        rows.append({"iteration": 0, "model": "baseline"} | _eval_row(ctx, ev) | {"samples": ev.get("samples", [])})
     for t in range(1, ctx.cfg.loop.iterations + 1):
         path = ctx.paths.eval(t)
         ev = json.loads(path.read_text()) if path.is_file() else {"iteration": t}
         stages = {s.name: _stats(ctx.paths.stage(t, s.name)) for s in GRAPH.iteration if s.writes == (s.name,)}
         summary = evaluate.iteration_summary(stages)
-        row = {"iteration": t, "model": f"M{t}"}
-        row |= {key: ev.get(key) for key, _, _ in ctx.env.report_columns}
-        row |= {k: ev.get(k) for k in ("judge_pairwise_accuracy", "judge_five_best", "judge_exact_match",
-                                       "judge_spearman", "judge_kendall_tau", "eval_mean_tokens")}
+        row = {"iteration": t, "model": f"M{t}"} | _eval_row(ctx, ev)
         row |= {"prompts": stages.get("prompts", {}).get("prompts")}
         row |= {k: summary.get(k) for k in ("pairs", "tie_rate", "parse_failure_rate", "mean_chosen_tokens",
                                             "mean_rejected_tokens")}
@@ -178,13 +196,20 @@ def _report(ctx: Context) -> dict:
 
 
 DATA = Stage("data", _data, writes=("data",), section="data", help="the environment's seed splits")
-SFT = Stage("sft", _sft, reads=("data",), writes=("M_next",), section="sft", help="SFT of M0 on IFT (+ EFT) -> M1")
+SFT = Stage("sft", lambda ctx: sft_from_m0(ctx, ("ift", "eft"), "sft", "M_next"), reads=("data",),
+            writes=("M_next",), section="sft", help="SFT of M0 on IFT (+ EFT) -> M1")
+SFT_BASELINE = Stage("sft_baseline", lambda ctx: sft_from_m0(ctx, ("ift",), "sft_baseline", "baseline"),
+                     reads=("data",), writes=("baseline",), section="sft", enabled=lambda cfg: cfg.data.build_eft,
+                     help="the SFT baseline: SFT of M0 on IFT only (data.build_eft)")
+BASELINE_EVAL = Stage("baseline_eval", _baseline_eval, reads=("baseline", "data"), writes=("baseline_eval",),
+                      section="loop", enabled=lambda cfg: cfg.data.build_eft,
+                      help="the environment's score and judge metrics of the SFT baseline")
 DPO = Stage("dpo", _dpo, reads=("M_t", "pairs"), writes=("M_next",), section="dpo",
             help="DPO of M_t on its pairs -> M_{t+1}")
 EVAL = Stage("eval", _eval, reads=("M_next",), writes=("eval",), section="loop", per_model=True,
              help="the environment's score and judge metrics of the model the iteration made")
 REPORT = Stage("report", _report, writes=("report",), help="table, plot, report.json and TensorBoard events")
 
-GRAPH = Graph(bootstrap=(DATA, SFT, EVAL),
+GRAPH = Graph(bootstrap=(DATA, SFT_BASELINE, EFT_JUDGE, EFT_BUILD, BASELINE_EVAL, SFT, EVAL),
               iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, DPO, EVAL),
               final=(REPORT,))

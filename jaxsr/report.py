@@ -42,7 +42,7 @@ def plot(rows: list[dict], path: Path, env_columns=()) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
         ax.set_title(title)
-        ax.set_xticks(its, [f"M{i}" for i in its])
+        ax.set_xticks(its, [r["model"] for r in rows])  # "baseline" (iteration 0), M1, M2, ...
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -34,6 +34,8 @@ class Stage:
       command: the name of its stand-alone CLI command (`jaxsr <command> --iteration t`), if it has one.
       per_model: the manifest key is `<name>/M{t+1}` (a stage about the model an iteration made) instead
         of `iteration{t}/<name>`; bootstrap and final stages use their bare name.
+      enabled: `enabled(cfg) -> bool`; a stage it turns off is not scheduled and has no manifest entry
+        (None: always on).
     """
 
     name: str
@@ -44,6 +46,7 @@ class Stage:
     command: str | None = None
     help: str = ""
     per_model: bool = False
+    enabled: Callable[[Any], bool] | None = None
 
     def key(self, phase: str, t: int) -> str:
         if self.per_model:
@@ -58,8 +61,9 @@ class RunPaths:
     def data(self, split: str) -> Path:
         return self.root / "data" / split
 
-    def model(self, t: int) -> Path:
-        return self.root / "models" / f"M{t}"
+    def model(self, t: int | str) -> Path:
+        """M_t's checkpoint, or a named model's (`baseline`: the SFT baseline)."""
+        return self.root / "models" / (t if isinstance(t, str) else f"M{t}")
 
     def stage(self, t: int, name: str) -> Path:
         return self.root / f"iteration{t}" / name
@@ -67,15 +71,22 @@ class RunPaths:
     def train(self, name: str) -> Path:
         return self.root / "train" / name
 
-    def eval(self, t: int) -> Path:
-        return self.root / "eval" / f"M{t}.json"
+    def eval(self, t: int | str) -> Path:
+        return self.root / "eval" / f"{t if isinstance(t, str) else f'M{t}'}.json"
 
     def artifact(self, name: str, t: int) -> tuple[str, Path]:
         """(display name, path) of an artifact as seen from iteration t: "M_t" is the model the iteration starts
         from, "M_next" the one it makes, "eval" the evaluation of M_next; other names are iteration t's
-        stage outputs."""
+        stage outputs. "baseline" is the SFT baseline (M0 trained on IFT only), "baseline_eval" its evaluation,
+        "eft" and "rm_eval" the seed splits that building EFT writes."""
         if name == "data":
             return "data", self.root / "data"
+        if name in ("eft", "rm_eval"):
+            return name, self.data(name)
+        if name == "baseline":
+            return name, self.model(name)
+        if name == "baseline_eval":
+            return name, self.eval("baseline")
         if name == "M_t":
             return f"M{t}", self.model(t)
         if name == "M_next":
@@ -133,14 +144,14 @@ class Context:
 
 
 def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]], *, chunk: int, rows_per_item: int,
-             desc: str, unit: str) -> int:
+             desc: str, unit: str, features=None) -> int:
     """Writes `fn(items[lo:hi], lo)` for consecutive chunks of `items` to a resumable dataset at `out_dir`.
 
     Each chunk's rows (`rows_per_item` per item) are one committed shard, so a rerun after a kill skips the
     chunks already on disk and redoes at most one. `fn` must depend on (chunk, lo) only, never on where a
-    run resumed. Returns the number of rows.
+    run resumed. `features`: the column types, when a chunk can leave a column all None. Returns the number of rows.
     """
-    writer = artifacts.ShardedWriter(out_dir, shard_size=chunk * rows_per_item)
+    writer = artifacts.ShardedWriter(out_dir, shard_size=chunk * rows_per_item, features=features)
     start = writer.done_rows() // rows_per_item
     bar = distributed.progress(len(items), initial=start, desc=desc, unit=unit)
     for lo in range(0, len(items), chunk):
@@ -155,6 +166,14 @@ def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]]
         bar.update(hi - lo)
     bar.close()
     return writer.finalize()["num_rows"]
+
+
+def write_rows(out_dir, rows: list[dict], *, features=None) -> None:
+    """`rows` as one committed dataset: all or none of them; a rerun after a kill keeps what was committed."""
+    writer = artifacts.ShardedWriter(out_dir, shard_size=max(1, len(rows)), features=features)
+    if writer.done_rows() == 0:
+        writer.extend(rows)
+    writer.finalize()
 
 
 def rows_of(path: Path) -> int | None:
@@ -182,14 +201,16 @@ class Graph:
             if len(set(names)) != len(names):
                 raise ValueError(f"stage graph: duplicate stage names in {phase}: {names}")
 
-    def schedule(self, iterations: int):
-        """(phase, t, stage) in execution order for a run of M1 .. M_iterations."""
-        for s in self.bootstrap:
+    def schedule(self, iterations: int, cfg=None):
+        """(phase, t, stage) in execution order for a run of M1 .. M_iterations; with `cfg`, only the stages
+        it enables."""
+        on = lambda s: cfg is None or s.enabled is None or s.enabled(cfg)  # noqa: E731
+        for s in filter(on, self.bootstrap):
             yield "bootstrap", 0, s
         for t in range(1, iterations):
-            for s in self.iteration:
+            for s in filter(on, self.iteration):
                 yield "iteration", t, s
-        for s in self.final:
+        for s in filter(on, self.final):
             yield "final", iterations, s
 
     def insert(self, phase: str, stage: Stage, *, after: str) -> "Graph":

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 
 from ..config import ConfigValueError, _unknown_key_error
 
-SEED_SPLITS = ("ift", "eft", "seed_prompts", "eval", "rm_eval")
+SEED_SPLITS = ("ift", "eft", "seed_prompts", "eval", "rm_eval", "eft_source")
 
 
 @dataclasses.dataclass
@@ -27,7 +27,8 @@ class Environment:
     Subclasses set `name` and `Options` and override what they offer:
       seed_data: the splits (SEED_SPLITS) as lists of dicts: ift and eft {prompt, response}; seed_prompts
         {prompt}; eval {instruction, ...grader fields}; rm_eval {prompt or instruction, candidates or
-        responses, scores or ranks}. Only ift and seed_prompts are required.
+        responses, scores or ranks}; eft_source {prompt, responses, ranks}: human-ranked responses (rank 0 = best)
+        from which `data.build_eft` builds eft. Only ift and seed_prompts are required.
       new_prompts: a fixed prompt generator (`prompts.generator: env`); None when the environment has none.
       grade: score of a response to one eval row (requires an eval split).
       eval_metrics: the report's figures from the eval scores, named by `report_columns`.

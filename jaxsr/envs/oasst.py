@@ -28,7 +28,8 @@ class OpenAssistant(Environment):
 
         seeds = build_oasst_seeds(self.options.path, num_ift=self.options.num_ift)
         ift = seeds["ift"].select_columns(["prompt", "response"]).to_list()
-        out = {"ift": ift, "rm_eval": seeds["rm_eval"].to_list(), "seed_prompts": [{"prompt": r["prompt"]} for r in ift]}
+        out = {"ift": ift, "rm_eval": seeds["rm_eval"].to_list(), "seed_prompts": [{"prompt": r["prompt"]} for r in ift],
+               "eft_source": seeds["eft_train"].to_list()}  # what data.build_eft judges (jaxsr/eft.py)
         if self.options.eft_path:
             out["eft"] = load_sft(self.options.eft_path)
         return out
