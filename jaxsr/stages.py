@@ -34,6 +34,7 @@ class Stage:
       command: the name of its stand-alone CLI command (`jaxsr <command> --iteration t`), if it has one.
       per_model: the manifest key is `<name>/M{t+1}` (a stage about the model an iteration made) instead
         of `iteration{t}/<name>`; bootstrap and final stages use their bare name.
+      when: `when(cfg) -> bool`; a stage whose `when` is false is left out of the run (no manifest entry).
     """
 
     name: str
@@ -44,6 +45,10 @@ class Stage:
     command: str | None = None
     help: str = ""
     per_model: bool = False
+    when: Callable[[Any], bool] | None = None
+
+    def enabled(self, cfg) -> bool:
+        return self.when is None or bool(self.when(cfg))
 
     def key(self, phase: str, t: int) -> str:
         if self.per_model:
@@ -70,10 +75,18 @@ class RunPaths:
     def eval(self, t: int) -> Path:
         return self.root / "eval" / f"M{t}.json"
 
+    def h2h(self, a: str, b: str) -> Path:
+        """The head-to-head record of model `a` against model `b` (jaxsr.headtohead)."""
+        return self.root / "eval" / f"h2h_{a}_vs_{b}.json"
+
+    def baseline(self) -> Path:
+        """Where an SFT baseline model lives when a run has one (compared with each M_t by the h2h stage)."""
+        return self.root / "models" / "baseline"
+
     def artifact(self, name: str, t: int) -> tuple[str, Path]:
         """(display name, path) of an artifact as seen from iteration t: "M_t" is the model the iteration starts
-        from, "M_next" the one it makes, "eval" the evaluation of M_next; other names are iteration t's
-        stage outputs."""
+        from, "M_next" the one it makes, "eval" the evaluation of M_next, "h2h" M_next against M_t; other names are
+        iteration t's stage outputs."""
         if name == "data":
             return "data", self.root / "data"
         if name == "M_t":
@@ -82,6 +95,8 @@ class RunPaths:
             return f"M{t + 1}", self.model(t + 1)
         if name == "eval":
             return "eval", self.eval(t + 1)
+        if name == "h2h":
+            return "h2h", self.h2h(f"M{t + 1}", f"M{t}")
         if name == "report":
             return "report", self.root / "report.json"
         return name, self.stage(t, name)
