@@ -1,5 +1,6 @@
 """Head-to-head evaluation (paper Fig. 3): the win rate and its Wilson interval against published and hand-computed
-values, the both-orders tie rule with a stub judge, request truncation."""
+values, the both-orders tie rule with a stub judge, request truncation, and `jaxsr eval --head-to-head` plus the
+h2h stage on a micro run of the example environment."""
 
 import json
 import types
@@ -125,3 +126,82 @@ def test_pairwise_request_cuts_both_outputs_to_the_same_budget(tok):
     assert abs(n_a - n_b) <= 2 and n_a > 20  # equal budgets, and the room is used
     with pytest.raises(ValueError, match="does not fit the judge's context"):
         headtohead.pairwise_request_ids(tok, 128, "Count.", long_a, long_b, max_new_tokens=8)
+
+
+# --- `jaxsr eval --head-to-head` and the h2h stage on a micro run ----------------------------------------------
+
+def test_eval_head_to_head_command_and_stage_on_a_micro_run(tmp_path, capsys):
+    import dataclasses
+
+    from jaxsr import loop, pipeline, save_checkpoint
+    from jaxsr.cli import main as cli_main
+    from jaxsr.config import CONFIG_DIR
+    from test_stages import ARITH, _cfg
+
+    run_dir = tmp_path / "run"
+    # The pairwise request is ~260 tokens of the world tokenizer: a longer context than ARITH's 128.
+    extra = ["model.architecture.max_position_embeddings=384", "judge.max_new_tokens=6"]
+    cfg = _cfg(run_dir, *extra)
+    with pytest.raises(SystemExit):
+        loop.run(cfg, stop_after="data")
+    ctx = loop.context(cfg)
+    for t, seed in ((1, 0), (2, 1)):  # two random decoders stand in for M1 and M2
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_seed=seed))
+        save_checkpoint(pipeline.initial_policy(dataclasses.replace(ctx, cfg=c)), ctx.paths.model(t))
+
+    args = ["eval", "--config", str(CONFIG_DIR / "arithmetic.yaml"), "--head-to-head", "2", "1",
+            f"run_dir={run_dir}", *ARITH, *extra]
+    assert cli_main(args) == 0
+    assert "M2 vs M1 (judge M2, n=8)" in capsys.readouterr().out
+    instructions = [r["instruction"] for r in ctx.split("eval").to_list()]
+    res = json.loads((run_dir / "eval" / "h2h_M2_vs_M1.json").read_text())
+    assert (res["a"], res["b"], res["judge"], res["n"]) == ("M2", "M1", "M2", 8)
+    assert res["wins"] + res["ties"] + res["losses"] == 8
+    lo, hi = res["win_rate_ci95"]
+    assert lo <= res["win_rate"] <= hi and res["win_rate"] == (res["wins"] + res["ties"] / 2) / 8
+    assert [p["instruction"] for p in res["prompts"]] == instructions
+    assert set(res["prompts"][0]) == {"instruction", "output_a", "output_b", "judge_ab", "judge_ba", "verdict_ab",
+                                      "verdict_ba"}
+    for name in ("M1", "M2"):
+        records = json.loads((run_dir / "eval" / "alpaca_eval" / f"{name}.json").read_text())
+        assert [set(r) for r in records] == [{"instruction", "output", "generator"}] * 8
+        assert [r["instruction"] for r in records] == instructions and records[0]["generator"] == name
+    alpaca_m2 = [r["output"] for r in json.loads((run_dir / "eval" / "alpaca_eval" / "M2.json").read_text())]
+    assert [p["output_a"] for p in res["prompts"]] == alpaca_m2
+
+    # --prompts FILE, a model directory and --judge.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "What is 1 + 1?"}\n\n{"prompt": "What is 2 + 3?"}')
+    args = ["eval", "--config", str(CONFIG_DIR / "arithmetic.yaml"), "--head-to-head", str(run_dir / "models" / "M1"),
+            "2", "--prompts", str(prompts), "--judge", "2", f"run_dir={run_dir}", *ARITH, *extra]
+    assert cli_main(args) == 0
+    res = json.loads((run_dir / "eval" / "h2h_M1_vs_M2.json").read_text())
+    assert (res["judge"], res["n"]) == ("M2", 2)
+    assert [p["instruction"] for p in res["prompts"]] == ["What is 1 + 1?", "What is 2 + 3?"]
+    assert cli_main([*args[:4], "7", *args[5:]]) == 2
+    assert "model '7': no checkpoint directory" in capsys.readouterr().err
+
+    # The h2h stage at t = 1 (M2 against M1, and against a baseline when there is one) and the report's columns.
+    import shutil
+
+    shutil.copytree(ctx.paths.model(1), ctx.paths.baseline())
+    stats = pipeline.H2H.run(ctx.at(pipeline.H2H, 1))
+    assert set(stats) == {"vs_M1", "vs_baseline"}
+    assert (run_dir / "eval" / "h2h_M2_vs_baseline.json").is_file()
+    rows = pipeline.report_rows(ctx)
+    assert rows[0].get("h2h_prev") is None and rows[1]["h2h_prev_win_rate"] == stats["vs_M1"]["win_rate"]
+    from jaxsr.report import table
+
+    assert "vs M_{t-1}: win rate [95% CI] W/T/L" in table(rows)
+
+
+def test_the_h2h_stage_runs_only_with_loop_head_to_head(tmp_path):
+    from jaxsr.pipeline import GRAPH
+    from test_stages import _cfg
+
+    def names(cfg):
+        return [s.key(phase, t) for phase, t, s in GRAPH.schedule(3) if s.enabled(cfg)]
+
+    off, on = names(_cfg(tmp_path)), names(_cfg(tmp_path, "loop.head_to_head=true"))
+    assert [k for k in on if k not in off] == ["h2h/M2", "h2h/M3"]
+    assert not any(k.startswith("h2h") for k in off)
