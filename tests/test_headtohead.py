@@ -180,6 +180,10 @@ def test_eval_head_to_head_command_and_stage_on_a_micro_run(tmp_path, capsys):
     assert [p["instruction"] for p in res["prompts"]] == ["What is 1 + 1?", "What is 2 + 3?"]
     assert cli_main([*args[:4], "7", *args[5:]]) == 2
     assert "model '7': no checkpoint directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "What is 1 + 1?"}\n{"text": "no instruction"}\n')
+    assert cli_main([*args[:7], str(bad), *args[8:]]) == 2
+    assert "bad.jsonl: record 2 has no 'instruction' or 'prompt' string" in capsys.readouterr().err
 
     # The h2h stage at t = 1 (M2 against M1, and against a baseline when there is one) and the report's columns.
     import shutil

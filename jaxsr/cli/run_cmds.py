@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .common import load
 
@@ -60,18 +59,14 @@ def cmd_eval(args) -> int:
 
 
 def _prompts_file(path) -> list[str]:
-    """The instructions of a JSONL file, one object a line with an 'instruction' or a 'prompt' string."""
+    """The instructions of a JSONL file (or a saved datasets directory) with an 'instruction' or 'prompt' string."""
+    from ..data import read_records
+
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
-        text = row.get("instruction") or row.get("prompt") if isinstance(row, dict) else None
+    for n, row in enumerate(read_records(path, (), optional=("instruction", "prompt")), 1):
+        text = row.get("instruction") or row.get("prompt")
         if not isinstance(text, str):
-            raise ValueError(f"{path}: line {n} has no 'instruction' or 'prompt' string")
+            raise ValueError(f"{path}: record {n} has no 'instruction' or 'prompt' string")
         out.append(text)
     return out
 
