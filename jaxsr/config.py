@@ -132,10 +132,13 @@ class LoopSection:
     Attributes:
       iterations: T, the last model index.
       eval_max_new_tokens: greedy generation budget for the instruction-following evaluation.
+      head_to_head: after each DPO iteration, M_{t+1} against M_t (and against run_dir/models/baseline when
+        present) on the eval split, judged pairwise by M_{t+1} in both orders (paper Fig. 3; docs/evaluation.md).
     """
 
     iterations: int = 3
     eval_max_new_tokens: int = 64
+    head_to_head: bool = False
 
     def __post_init__(self):
         _positive("loop.iterations", self.iterations)

@@ -172,6 +172,6 @@ def _enabled(cfg) -> bool:
 
 
 EFT_JUDGE = Stage("eft_judge", _eft_judge, reads=("baseline", "data"), writes=("eft_judge",), section="eft",
-                  enabled=_enabled, help="the SFT baseline judges the environment's human-ranked responses")
+                  when=_enabled, help="the SFT baseline judges the environment's human-ranked responses")
 EFT_BUILD = Stage("eft_build", _eft_build, reads=("data", "eft_judge"), writes=("eft",), section="eft",
-                  enabled=_enabled, help="judgement sets that agree with the human ranking, rebalanced -> data/eft")
+                  when=_enabled, help="judgement sets that agree with the human ranking, rebalanced -> data/eft")

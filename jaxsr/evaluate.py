@@ -225,7 +225,8 @@ def head_to_head(verdicts_ab, verdicts_ba) -> dict:
     """Win/tie/loss rates of model X against Y, each prompt judged with X as A (`verdicts_ab`) and as B.
 
     X wins when the two orders agree that X is better ("A" then "B"), loses when they agree Y is better,
-    and ties otherwise: both "tie", inconsistent verdicts (position bias) or any None (unparsed).
+    and ties otherwise: both "tie", inconsistent verdicts (position bias) or any None (unparsed). The win rate
+    is (wins + ties / 2) / n, as the paper reports it, with its 95% Wilson interval (`wilson_interval`).
     """
     if len(verdicts_ab) != len(verdicts_ba):
         raise ValueError(f"{len(verdicts_ab)} verdicts with X as A but {len(verdicts_ba)} with X as B")
@@ -244,8 +245,31 @@ def head_to_head(verdicts_ab, verdicts_ba) -> dict:
             inconsistent += 1
     n = len(verdicts_ab)
     tie = n - win - loss
+    rate = (win + tie / 2) / n if n else None
     return {"win": win / n if n else None, "tie": tie / n if n else None, "loss": loss / n if n else None,
-            "wins": win, "ties": tie, "losses": loss, "n": n, "inconsistent": inconsistent, "unparsed": unparsed}
+            "wins": win, "ties": tie, "losses": loss, "n": n, "inconsistent": inconsistent, "unparsed": unparsed,
+            "win_rate": rate, "win_rate_ci95": list(wilson_interval(rate, n)) if n else None}
+
+
+Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
+
+
+def wilson_interval(p_hat: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) for a proportion p_hat observed on n items; z = 1.96 gives 95%.
+
+    The bounds solve (p_hat - p)^2 = z^2 p (1 - p) / n for p:
+        (p_hat + z^2/2n  -/+  z sqrt(p_hat (1 - p_hat) / n + z^2 / 4n^2)) / (1 + z^2/n).
+    Used for the head-to-head win rate (wins + ties/2) / n, whose per-prompt outcomes are 1, 1/2 or 0: any
+    outcome in [0, 1] with mean p has variance <= p (1 - p), so the interval is conservative there.
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n >= 1 items, got n={n}")
+    if not 0.0 <= p_hat <= 1.0:
+        raise ValueError(f"wilson_interval: p_hat={p_hat} must lie in [0, 1]")
+    z2n = z * z / n
+    center = (p_hat + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p_hat * (1 - p_hat) / n + z2n / (4 * n))
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 # --- instruction following and iteration logs ----------------------------------------------------------------

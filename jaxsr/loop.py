@@ -166,7 +166,7 @@ def run(cfg: JaxsrConfig, *, mesh=None, stop_after: str | None = None, graph: Gr
             return json.loads((root / "report.json").read_text())
         for phase, t, stage in graph.schedule(cfg.loop.iterations, cfg):
             key = stage.key(phase, t)
-            if manifest.done(key):
+            if not stage.enabled(cfg) or manifest.done(key):
                 continue
             _run_stage(ctx.at(stage, t), key, manifest)
             if stop_after == key:

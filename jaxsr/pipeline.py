@@ -4,6 +4,7 @@
       with data.build_eft:    data ─► sft_baseline (M0 → baseline) ─► eft_judge ─► eft_build ─► baseline_eval
                                    ─► sft (IFT + EFT: M0 → M1) ─► eval (M1)          (jaxsr.eft)
     iteration t = 1 .. T-1:   prompts ─► candidates ─► judgements ─► pairs ─► dpo (M_t → M_{t+1}) ─► eval (M_{t+1})
+                              [─► h2h (M_{t+1} vs M_t, with loop.head_to_head)]
     final:                    report
 
 `GRAPH` is the one list the loop, the per-stage commands, the manifest and the report read; to add a stage,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,38 @@ def _eval_row(ctx: Context, ev: dict) -> dict:
                                          "judge_spearman", "judge_kendall_tau", "eval_mean_tokens")}
 
 
+def _h2h(ctx: Context) -> dict:
+    """M_{t+1} against M_t, and against the SFT baseline when the run has one, judged by M_{t+1}."""
+    from .headtohead import evaluate_pair
+
+    eval_rows = ctx.split("eval")
+    if eval_rows is None:
+        raise ValueError(f"loop.head_to_head: environment {ctx.env.name!r} has no eval split to compare models on")
+    instructions = [r["instruction"] for r in eval_rows.to_list()]
+    new, old = (f"M{ctx.t + 1}", ctx.path("M_next")), (f"M{ctx.t}", ctx.path("M_t"))
+    stats = {}
+    for other in (old, ("baseline", ctx.paths.model("baseline"))):
+        if other[1].is_dir():
+            res = evaluate_pair(ctx, new, other, instructions)
+            stats[f"vs_{other[0]}"] = {k: res[k] for k in ("win", "tie", "loss", "win_rate", "win_rate_ci95", "n")}
+        else:
+            log.info("h2h %s: no %s model at %s; skipped", new[0], other[0], other[1])
+    return stats
+
+
+def _h2h_rows(ctx: Context, t: int) -> dict:
+    """The report's head-to-head columns of M_t: against M_{t-1} and against the baseline, where recorded."""
+    row = {}
+    for other, key in ((f"M{t - 1}", "h2h_prev"), ("baseline", "h2h_baseline")):
+        path = ctx.paths.h2h(f"M{t}", other)
+        if path.is_file():
+            res = json.loads(path.read_text())
+            lo, hi = res["win_rate_ci95"] or (math.nan, math.nan)
+            row |= {f"{key}_win_rate": res["win_rate"], f"{key}_ci95": res["win_rate_ci95"],
+                    key: f"{res['win_rate']:.1%} [{lo:.1%}, {hi:.1%}] {res['wins']}/{res['ties']}/{res['losses']}"}
+    return row
+
+
 def report_rows(ctx: Context) -> list[dict]:
     """One row per model M_t (after the SFT baseline's, when the run trained one): the environment's figures, the
     judge's, and the data M_t generated."""
@@ -178,6 +212,7 @@ def report_rows(ctx: Context) -> list[dict]:
         row |= {"prompts": stages.get("prompts", {}).get("prompts")}
         row |= {k: summary.get(k) for k in ("pairs", "tie_rate", "parse_failure_rate", "mean_chosen_tokens",
                                             "mean_rejected_tokens")}
+        row |= _h2h_rows(ctx, t)
         rows.append(row | {"samples": ev.get("samples", [])})
     return rows
 
@@ -199,17 +234,20 @@ DATA = Stage("data", _data, writes=("data",), section="data", help="the environm
 SFT = Stage("sft", lambda ctx: sft_from_m0(ctx, ("ift", "eft"), "sft", "M_next"), reads=("data",),
             writes=("M_next",), section="sft", help="SFT of M0 on IFT (+ EFT) -> M1")
 SFT_BASELINE = Stage("sft_baseline", lambda ctx: sft_from_m0(ctx, ("ift",), "sft_baseline", "baseline"),
-                     reads=("data",), writes=("baseline",), section="sft", enabled=lambda cfg: cfg.data.build_eft,
+                     reads=("data",), writes=("baseline",), section="sft", when=lambda cfg: cfg.data.build_eft,
                      help="the SFT baseline: SFT of M0 on IFT only (data.build_eft)")
 BASELINE_EVAL = Stage("baseline_eval", _baseline_eval, reads=("baseline", "data"), writes=("baseline_eval",),
-                      section="loop", enabled=lambda cfg: cfg.data.build_eft,
+                      section="loop", when=lambda cfg: cfg.data.build_eft,
                       help="the environment's score and judge metrics of the SFT baseline")
 DPO = Stage("dpo", _dpo, reads=("M_t", "pairs"), writes=("M_next",), section="dpo",
             help="DPO of M_t on its pairs -> M_{t+1}")
 EVAL = Stage("eval", _eval, reads=("M_next",), writes=("eval",), section="loop", per_model=True,
              help="the environment's score and judge metrics of the model the iteration made")
+H2H = Stage("h2h", _h2h, reads=("M_t", "M_next"), writes=("h2h",), section="loop", per_model=True,
+            when=lambda cfg: cfg.loop.head_to_head,
+            help="M_{t+1} against M_t (and the SFT baseline), judged pairwise by M_{t+1} (loop.head_to_head)")
 REPORT = Stage("report", _report, writes=("report",), help="table, plot, report.json and TensorBoard events")
 
 GRAPH = Graph(bootstrap=(DATA, SFT_BASELINE, EFT_JUDGE, EFT_BUILD, BASELINE_EVAL, SFT, EVAL),
-              iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, DPO, EVAL),
+              iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, DPO, EVAL, H2H),
               final=(REPORT,))

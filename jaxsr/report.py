@@ -12,6 +12,13 @@ COLUMNS = [("judge_pairwise_accuracy", "judge pairwise acc", "{:.1%}"),
            ("parse_failure_rate", "parse failures", "{:.1%}"), ("mean_chosen_tokens", "chosen len", "{:.1f}"),
            ("mean_rejected_tokens", "rejected len", "{:.1f}")]
 
+# Head-to-head columns (jaxsr.headtohead), shown only when some model has a record: "win rate [95% CI] W/T/L".
+H2H_COLUMNS = [("h2h_prev", "vs M_{t-1}: win rate [95% CI] W/T/L", "{}"),
+               ("h2h_baseline", "vs baseline: win rate [95% CI] W/T/L", "{}")]
+
+H2H_NOTE = (" vs M_{t-1} / vs baseline: M_t's win rate (wins + ties/2)/n against that model, judged pairwise in both "
+            "orders (a tie when they disagree), with its 95% Wilson interval and the win/tie/loss counts (eval/h2h_*.json).")
+
 
 def _fmt(fmt: str, value) -> str:
     return "–" if value is None else fmt.format(value)
@@ -19,7 +26,8 @@ def _fmt(fmt: str, value) -> str:
 
 def table(rows: list[dict], env_columns=()) -> str:
     """Markdown table, one row per model M_t (pairs/ties/parse failures are of the data M_t generated)."""
-    columns = [("model", "model", "{}"), *env_columns, *COLUMNS]
+    h2h = [c for c in H2H_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    columns = [("model", "model", "{}"), *env_columns, *COLUMNS, *h2h]
     head = "| " + " | ".join(c[1] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_fmt(f, r.get(k)) for k, _, f in columns) + " |" for r in rows]
@@ -72,10 +80,12 @@ def write_report(rows: list[dict], run_dir: Path, name: str, env_columns=()) -> 
     artifacts.write_json_atomic(run_dir / "report.json", clean)
     plot(rows, run_dir / "report.png", env_columns)
     tensorboard(clean, run_dir)
+    has_h2h = any(r.get(c[0]) is not None for r in rows for c in H2H_COLUMNS)
     md = [f"# jaxsr run `{name}`", "", table(rows, env_columns), "",
           "The first columns after the model are the environment's grader on greedy answers to held-out "
           "instructions. Judge pairwise accuracy: agreement of M_t's judge with reference rankings. Prompts, pairs, "
-          "tie and parse-failure rates and lengths describe the data M_t generated for training M_{t+1}.", "",
+          "tie and parse-failure rates and lengths describe the data M_t generated for training M_{t+1}."
+          + (H2H_NOTE if has_h2h else ""), "",
           "![report](report.png)", ""]
     for r in rows:
         if r.get("samples"):

@@ -34,8 +34,7 @@ class Stage:
       command: the name of its stand-alone CLI command (`jaxsr <command> --iteration t`), if it has one.
       per_model: the manifest key is `<name>/M{t+1}` (a stage about the model an iteration made) instead
         of `iteration{t}/<name>`; bootstrap and final stages use their bare name.
-      enabled: `enabled(cfg) -> bool`; a stage it turns off is not scheduled and has no manifest entry
-        (None: always on).
+      when: `when(cfg) -> bool`; a stage whose `when` is false is left out of the run (no manifest entry).
     """
 
     name: str
@@ -46,7 +45,10 @@ class Stage:
     command: str | None = None
     help: str = ""
     per_model: bool = False
-    enabled: Callable[[Any], bool] | None = None
+    when: Callable[[Any], bool] | None = None
+
+    def enabled(self, cfg) -> bool:
+        return self.when is None or bool(self.when(cfg))
 
     def key(self, phase: str, t: int) -> str:
         if self.per_model:
@@ -74,11 +76,15 @@ class RunPaths:
     def eval(self, t: int | str) -> Path:
         return self.root / "eval" / f"{t if isinstance(t, str) else f'M{t}'}.json"
 
+    def h2h(self, a: str, b: str) -> Path:
+        """The head-to-head record of model `a` against model `b` (jaxsr.headtohead)."""
+        return self.root / "eval" / f"h2h_{a}_vs_{b}.json"
+
     def artifact(self, name: str, t: int) -> tuple[str, Path]:
         """(display name, path) of an artifact as seen from iteration t: "M_t" is the model the iteration starts
         from, "M_next" the one it makes, "eval" the evaluation of M_next; other names are iteration t's
         stage outputs. "baseline" is the SFT baseline (M0 trained on IFT only), "baseline_eval" its evaluation,
-        "eft" and "rm_eval" the seed splits that building EFT writes."""
+        "eft" and "rm_eval" the seed splits that building EFT writes, "h2h" M_next against M_t."""
         if name == "data":
             return "data", self.root / "data"
         if name in ("eft", "rm_eval"):
@@ -93,6 +99,8 @@ class RunPaths:
             return f"M{t + 1}", self.model(t + 1)
         if name == "eval":
             return "eval", self.eval(t + 1)
+        if name == "h2h":
+            return "h2h", self.h2h(f"M{t + 1}", f"M{t}")
         if name == "report":
             return "report", self.root / "report.json"
         return name, self.stage(t, name)
@@ -204,7 +212,7 @@ class Graph:
     def schedule(self, iterations: int, cfg=None):
         """(phase, t, stage) in execution order for a run of M1 .. M_iterations; with `cfg`, only the stages
         it enables."""
-        on = lambda s: cfg is None or s.enabled is None or s.enabled(cfg)  # noqa: E731
+        on = lambda s: cfg is None or s.enabled(cfg)  # noqa: E731
         for s in filter(on, self.bootstrap):
             yield "bootstrap", 0, s
         for t in range(1, iterations):

@@ -1,4 +1,5 @@
-"""`jaxsr run` (the whole stage graph), one command per data stage (`jaxsr prompts|sample|judge|pairs`), `jaxsr eval`."""
+"""`jaxsr run` (the whole stage graph), one command per data stage (`jaxsr prompts|sample|judge|pairs`), `jaxsr eval`
+(also `jaxsr eval --head-to-head A B`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def cmd_eval(args) -> int:
     cfg = load(args, default=True)
     distributed.initialize(cfg.distributed)
     ctx = loop.context(cfg)
+    if args.head_to_head:
+        return _head_to_head(ctx, args)
     models = args.models or [t for t in range(1, cfg.loop.iterations + 1) if ctx.paths.model(t).is_dir()]
     if not models:
         raise FileNotFoundError(f"{ctx.paths.root / 'models'}: no model checkpoints to evaluate")
@@ -52,6 +55,39 @@ def cmd_eval(args) -> int:
         rows.append(res)
     if distributed.is_primary():
         print(table([{**r, "model": f"M{r['iteration']}"} for r in rows], ctx.env.report_columns))
+    return 0
+
+
+def _prompts_file(path) -> list[str]:
+    """The instructions of a JSONL file (or a saved datasets directory) with an 'instruction' or 'prompt' string."""
+    from ..data import read_records
+
+    out = []
+    for n, row in enumerate(read_records(path, (), optional=("instruction", "prompt")), 1):
+        text = row.get("instruction") or row.get("prompt")
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: record {n} has no 'instruction' or 'prompt' string")
+        out.append(text)
+    return out
+
+
+def _head_to_head(ctx, args) -> int:
+    from .. import distributed
+    from ..headtohead import evaluate_pair, resolve_model, summary
+
+    a, b = (resolve_model(ctx, m) for m in args.head_to_head)
+    judge = resolve_model(ctx, args.judge) if args.judge else None
+    if args.prompts:
+        instructions = _prompts_file(args.prompts)
+    else:
+        split = ctx.split("eval")
+        if split is None:
+            raise FileNotFoundError(f"{ctx.paths.data('eval')}: no eval split in this run; pass --prompts FILE")
+        instructions = [r["instruction"] for r in split.to_list()]
+    res = evaluate_pair(ctx, a, b, instructions, judge=judge)
+    if distributed.is_primary():
+        print(summary(res))
+        print(f"record: {ctx.paths.h2h(a[0], b[0])}  AlpacaEval outputs: {ctx.paths.root / 'eval' / 'alpaca_eval'}")
     return 0
 
 
@@ -74,4 +110,11 @@ def add_parsers(sub, add_config_args) -> None:
     p = sub.add_parser("eval", help="evaluate M_t checkpoints of a run: the environment's score, judge metrics")
     add_config_args(p)
     p.add_argument("--models", type=int, nargs="*", help="model indices t (default: all present)")
+    p.add_argument("--head-to-head", nargs=2, metavar=("A", "B"),
+                   help="A against B instead (paper Fig. 3): each an iteration t of the run, a name under "
+                        "run_dir/models, or a model directory; writes eval/h2h_<A>_vs_<B>.json and "
+                        "eval/alpaca_eval/<model>.json")
+    p.add_argument("--prompts", metavar="FILE", help="with --head-to-head: JSONL with 'instruction' or 'prompt' "
+                                                     "(default: the run's eval split)")
+    p.add_argument("--judge", metavar="MODEL", help="with --head-to-head: the judge (default: A), named as A and B")
     p.set_defaults(fn=cmd_eval)
