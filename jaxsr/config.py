@@ -78,6 +78,9 @@ class ModelSection:
       path: Hugging Face model directory, hub name, or jaxsr checkpoint directory; empty = a random M0 of
         `architecture` with `tokenizer`.
       tokenizer: for a from-scratch M0: "env" (the environment's tokenizer) or a tokenizer directory / hub name.
+      chat_template: how a user turn is rendered: "" (the tokenizer's own), a shipped template ("llama2":
+        jaxsr/templates/llama2_chat.jinja, Meta's [INST] format) or the path of a .jinja file. A base model's
+        tokenizer (Llama-2-70b-hf) has none of its own.
       init_seed: seed of the random M0.
       dtype: compute dtype: matmul operands, activations (on accelerators) and the KV cache.
       param_dtype: storage dtype of the parameters and the AdamW state. float32 (the default) keeps master
@@ -88,6 +91,7 @@ class ModelSection:
 
     path: str = ""
     tokenizer: str = "env"
+    chat_template: str = ""
     init_seed: int = 0
     architecture: ArchitectureSection = dataclasses.field(default_factory=ArchitectureSection)
     dtype: str = "float32"
@@ -98,6 +102,13 @@ class ModelSection:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
+        from .chat import CHAT_TEMPLATES
+
+        template = self.chat_template
+        if template and template not in CHAT_TEMPLATES and not template.endswith(".jinja"):
+            raise ConfigValueError(f"model.chat_template={self.chat_template!r} is neither a shipped template "
+                                   f"({', '.join(CHAT_TEMPLATES)}) nor the path of a .jinja file; \"\" uses the "
+                                   f"tokenizer's own")
 
     @property
     def dtypes(self) -> dict[str, str]:
