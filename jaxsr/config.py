@@ -400,9 +400,32 @@ class JaxsrConfig:
         self.dpo.validate("dpo")
         if not self.run_dir:
             self.run_dir = str(Path("runs") / self.name)
-        from .envs import options_of
+        from .envs import environment_class, options_of
 
         options_of(self.data.source, self.data.options)  # unknown environment or option: fail before any compute
+        env = environment_class(self.data.source)
+        if self.judge.template == "env" and not env.has_judge_template():
+            raise ConfigValueError(f"judge.template=env: environment {env.name!r} (data.source) has no judge template "
+                                   f"of its own; use judge.template=paper or the path of a template file")
+        if not self.model.path and self.model.tokenizer == "env" and not env.has_tokenizer():
+            raise ConfigValueError(f"model.tokenizer=env: environment {env.name!r} (data.source) ships no tokenizer; "
+                                   f"set model.tokenizer to a tokenizer directory or hub name, or model.path")
+
+    def check_run(self) -> None:
+        """What makes a config wrong for the self-rewarding loop (`jaxsr run`, the stage commands, `jaxsr eval`)
+        though fine for commands that read only some sections (`jaxsr sft`, `dpo`, `plan` use no seed data)."""
+        from .envs import environment_class
+
+        env = environment_class(self.data.source)
+        if self.model.path and env.only_from_scratch:
+            raise ConfigValueError(f"model.path={self.model.path!r} with data.source={env.name!r}: "
+                                   f"{env.only_from_scratch}; "
+                                   f"set data.source to oasst (Open Assistant, the paper's seeds) or files (your JSONL "
+                                   f"data), or leave model.path empty for a from-scratch model")
+        if env.eft_in_own_judge_template and self.judge.template != "env":
+            raise ConfigValueError(f"judge.template={self.judge.template!r} with data.source={env.name!r}: that "
+                                   f"environment's EFT rows teach its own judge template, so M_t would judge with a "
+                                   f"prompt it was not trained on; set judge.template=env")
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:

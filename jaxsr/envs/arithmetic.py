@@ -33,6 +33,7 @@ class Arithmetic(Environment):
     name = "arithmetic"
     Options = ArithmeticOptions
     report_columns = (("accuracy", "accuracy", "{:.1%}"),)
+    eft_in_own_judge_template = True  # seed_data renders EFT prompts with JUDGE_TEMPLATE
 
     def _question(self, rng: random.Random) -> tuple[str, int]:
         a, b = rng.randint(0, self.options.max_operand), rng.randint(0, self.options.max_operand)
