@@ -78,6 +78,9 @@ class ModelSection:
       path: Hugging Face model directory, hub name, or jaxsr checkpoint directory; empty = a random M0 of
         `architecture` with `tokenizer`.
       tokenizer: for a from-scratch M0: "env" (the environment's tokenizer) or a tokenizer directory / hub name.
+      chat_template: how a user turn is rendered: "" (the tokenizer's own), a shipped template ("llama2":
+        jaxsr/templates/llama2_chat.jinja, Meta's [INST] format) or the path of a .jinja file. A base model's
+        tokenizer (Llama-2-70b-hf) has none of its own.
       init_seed: seed of the random M0.
       dtype: compute dtype: matmul operands, activations (on accelerators) and the KV cache.
       param_dtype: storage dtype of the parameters and the AdamW state. float32 (the default) keeps master
@@ -88,6 +91,7 @@ class ModelSection:
 
     path: str = ""
     tokenizer: str = "env"
+    chat_template: str = ""
     init_seed: int = 0
     architecture: ArchitectureSection = dataclasses.field(default_factory=ArchitectureSection)
     dtype: str = "float32"
@@ -98,6 +102,13 @@ class ModelSection:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
+        from .chat import CHAT_TEMPLATES
+
+        template = self.chat_template
+        if template and template not in CHAT_TEMPLATES and not template.endswith(".jinja"):
+            raise ConfigValueError(f"model.chat_template={self.chat_template!r} is neither a shipped template "
+                                   f"({', '.join(CHAT_TEMPLATES)}) nor the path of a .jinja file; \"\" uses the "
+                                   f"tokenizer's own")
 
     @property
     def dtypes(self) -> dict[str, str]:
@@ -422,9 +433,32 @@ class JaxsrConfig:
         self.dpo.validate("dpo")
         if not self.run_dir:
             self.run_dir = str(Path("runs") / self.name)
-        from .envs import options_of
+        from .envs import environment_class, options_of
 
         options_of(self.data.source, self.data.options)  # unknown environment or option: fail before any compute
+        env = environment_class(self.data.source)
+        if self.judge.template == "env" and not env.has_judge_template():
+            raise ConfigValueError(f"judge.template=env: environment {env.name!r} (data.source) has no judge template "
+                                   f"of its own; use judge.template=paper or the path of a template file")
+        if not self.model.path and self.model.tokenizer == "env" and not env.has_tokenizer():
+            raise ConfigValueError(f"model.tokenizer=env: environment {env.name!r} (data.source) ships no tokenizer; "
+                                   f"set model.tokenizer to a tokenizer directory or hub name, or model.path")
+
+    def check_run(self) -> None:
+        """What makes a config wrong for the self-rewarding loop (`jaxsr run`, the stage commands, `jaxsr eval`)
+        though fine for commands that read only some sections (`jaxsr sft`, `dpo`, `plan` use no seed data)."""
+        from .envs import environment_class
+
+        env = environment_class(self.data.source)
+        if self.model.path and env.only_from_scratch:
+            raise ConfigValueError(f"model.path={self.model.path!r} with data.source={env.name!r}: "
+                                   f"{env.only_from_scratch}; "
+                                   f"set data.source to oasst (Open Assistant, the paper's seeds) or files (your JSONL "
+                                   f"data), or leave model.path empty for a from-scratch model")
+        if env.eft_in_own_judge_template and self.judge.template != "env":
+            raise ConfigValueError(f"judge.template={self.judge.template!r} with data.source={env.name!r}: that "
+                                   f"environment's EFT rows teach its own judge template, so M_t would judge with a "
+                                   f"prompt it was not trained on; set judge.template=env")
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:

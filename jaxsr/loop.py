@@ -136,6 +136,7 @@ def context(cfg: JaxsrConfig, mesh=None) -> Context:
     """The context stages run in: config, run paths, mesh (default `run_mesh(cfg)`) and environment."""
     from .envs import from_config
 
+    cfg.check_run()  # settings that contradict each other in a run fail before any I/O or compute
     return Context(cfg=cfg, paths=RunPaths(Path(cfg.run_dir)), mesh=run_mesh(cfg) if mesh is None else mesh,
                    env=from_config(cfg))
 

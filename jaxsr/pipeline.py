@@ -23,7 +23,8 @@ import numpy as np
 from . import artifacts, distributed, evaluate, selfreward
 from .eft import EFT_BUILD, EFT_JUDGE
 from .envs import SEED_SPLITS
-from .policy import Policy, load_policy, random_policy
+from .chat import load_chat_policy, load_chat_tokenizer, set_chat_template
+from .policy import Policy, random_policy
 from .stages import Context, Graph, Stage, stage_seed, write_rows
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 def _data(ctx: Context) -> dict:
     """The environment's seed splits under run_dir/data, each one committed dataset."""
+    m0_tokenizer(ctx)  # a tokenizer that cannot render chats fails here, before any download or compute
     splits = ctx.env.seed_data(ctx.cfg.seed)
     unknown = sorted(set(splits) - set(SEED_SPLITS))
     missing = [s for s in ("ift", "seed_prompts") if s not in splits]
@@ -47,16 +49,28 @@ def _data(ctx: Context) -> dict:
     return {"splits": sorted(splits)}
 
 
+def m0_tokenizer(ctx: Context):
+    """M0's tokenizer, without its weights, with `model.chat_template` applied and checked (jaxsr.chat)."""
+    m = ctx.cfg.model
+    if m.path:
+        return load_chat_tokenizer(m.path, m)
+    if m.tokenizer == "env":
+        tok, name = ctx.env.tokenizer(), f"environment {ctx.env.name!r}'s tokenizer"
+    else:
+        from transformers import AutoTokenizer
+
+        tok, name = AutoTokenizer.from_pretrained(m.tokenizer), m.tokenizer
+    return set_chat_template(tok, m.chat_template, model=name)
+
+
 def initial_policy(ctx: Context) -> Policy:
     """M0: `model.path`, or a random decoder of `model.architecture` with the configured tokenizer."""
     cfg = ctx.cfg
     if cfg.model.path:
-        return load_policy(cfg.model.path, **cfg.model.dtypes, mesh=ctx.mesh)
-    from transformers import AutoTokenizer
-
+        return load_chat_policy(cfg.model.path, cfg.model, ctx.mesh)
     from .model.config import ModelConfig
 
-    tok = ctx.env.tokenizer() if cfg.model.tokenizer == "env" else AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    tok = m0_tokenizer(ctx)
     a = cfg.model.architecture
     mcfg = ModelConfig(model_type=a.model_type, vocab_size=len(tok), hidden_size=a.hidden_size,
                        intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,

@@ -136,6 +136,24 @@ def _load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def load_tokenizer(path):
+    """The tokenizer of a model directory, jaxsr checkpoint or hub name, without its weights (None: it has none)."""
+    p = Path(path)
+    if (p / JAXSR_MODEL_FILE).is_file():
+        p = p / "tokenizer"
+        return _load_tokenizer(p) if p.is_dir() else None
+    if p.is_dir():
+        return _load_tokenizer(p)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{path}: no tokenizer in a local model directory or on the Hugging Face hub "
+                                f"({reason})") from None
+
+
 def _read_json(path: Path) -> dict:
     return hf.read_json_object(path, ConfigError) if path.is_file() else {}
 

@@ -136,13 +136,14 @@ class Context:
 
     def policy(self, t: int | None = None):
         """M_t (default: this iteration's) loaded onto the run's mesh, stored in model.param_dtype, computing in
-        model.dtype; the last one loaded is kept (with the compute-dtype copy sampling makes of it)."""
-        from .policy import load_policy
+        model.dtype, with model.chat_template; the last one loaded is kept (with the compute-dtype copy sampling
+        makes of it)."""
+        from .chat import load_chat_policy
 
         t = self.t if t is None else t
         if t not in self._models:
             self._models.clear()
-            self._models[t] = load_policy(self.paths.model(t), **self.cfg.model.dtypes, mesh=self.mesh)
+            self._models[t] = load_chat_policy(self.paths.model(t), self.cfg.model, self.mesh)
         return self._models[t]
 
     def split(self, name: str):

@@ -100,3 +100,56 @@ def test_every_shipped_config_loads(path):
 
 def test_shipped_configs_exist():
     assert len(list(CONFIG_DIR.glob("*.yaml"))) >= 1
+
+
+# --- settings that contradict each other -------------------------------------------------------------------------
+
+def test_env_judge_template_or_tokenizer_of_an_environment_without_one():
+    with pytest.raises(ConfigValueError, match=r"judge.template=env: environment 'oasst' \(data.source\) has no judge "
+                                               r"template of its own; use judge.template=paper"):
+        load_config(None, ["data.source=oasst", "judge.template=env", "model.path=some/model"])
+    with pytest.raises(ConfigValueError, match=r"model.tokenizer=env: environment 'files' \(data.source\) ships no "
+                                               r"tokenizer; set model.tokenizer .* or model.path"):
+        load_config(None, ["data.source=files"])
+    load_config(None, ["data.source=files", "model.path=some/model"])  # M0's own tokenizer: model.tokenizer unused
+
+
+def test_run_checks_a_pretrained_model_on_the_world(tmp_path):
+    from jaxsr import loop
+
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", "model.path=meta-llama/Llama-2-7b-hf"])
+    with pytest.raises(ConfigValueError, match=r"model.path='meta-llama/Llama-2-7b-hf' with data.source='world': the "
+                                               r"built-in world's data is for from-scratch tiny models; set "
+                                               r"data.source to oasst .* or files"):
+        loop.run(cfg)
+    assert not (tmp_path / "run").exists()  # before the run directory, the lock or any download
+
+
+@pytest.mark.parametrize("source", ["world", "arithmetic"])
+def test_run_checks_the_judge_template_of_environments_whose_eft_uses_their_own(source):
+    cfg = load_config(None, [f"data.source={source}", "judge.template=paper"])
+    with pytest.raises(ConfigValueError, match=rf"judge.template='paper' with data.source='{source}': that "
+                                               r"environment's EFT rows teach its own judge template.*"
+                                               r"set judge.template=env"):
+        cfg.check_run()
+    load_config(None, [f"data.source={source}", "judge.template=env"]).check_run()
+
+
+def test_paper_config_is_the_paper():
+    cfg = load_config(CONFIG_DIR / "paper_llama2_70b.yaml")
+    cfg.check_run()
+    assert (cfg.model.path, cfg.model.chat_template) == ("meta-llama/Llama-2-70b-hf", "llama2")
+    assert cfg.data.source == "oasst" and cfg.data.options == {"path": "OpenAssistant/oasst1", "num_ift": 3200, "eft_path": ""}
+    assert cfg.prompts.generator == "meta-llama/Llama-2-70b-chat-hf" and cfg.prompts.num_prompts >= 6942
+    assert (cfg.prompts.num_seed_shots, cfg.prompts.num_generated_shots, cfg.prompts.temperature) == (6, 2, 0.6)
+    assert (cfg.sample.num_samples, cfg.sample.temperature, cfg.sample.top_p) == (4, 0.7, 0.9)
+    assert (cfg.judge.template, cfg.judge.mode, cfg.judge.num_judgements) == ("paper", "sampled", 3)
+    sft, dpo = cfg.sft, cfg.dpo
+    assert (sft.lr, sft.final_lr, sft.schedule, sft.batch_size, sft.dropout) == (5.5e-6, 1.1e-6, "cosine", 16, 0.1)
+    assert (dpo.lr, dpo.final_lr, dpo.batch_size, dpo.beta, dpo.dropout) == (1e-6, 1e-7, 16, 0.1, 0.1)
+    assert cfg.loop.iterations == 3
+
+
+def test_every_shipped_config_passes_the_run_checks():
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path).check_run()

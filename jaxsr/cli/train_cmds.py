@@ -12,8 +12,8 @@ from .common import load
 def _cmd(stage: str, args) -> int:
     from .. import data as data_lib
     from .. import distributed
+    from ..chat import load_chat_policy
     from ..loop import run_mesh
-    from ..policy import load_policy
     from ..train import TrainingDiverged, train_dpo, train_sft, with_reference_logps
 
     cfg = load(args)
@@ -22,7 +22,7 @@ def _cmd(stage: str, args) -> int:
     if not cfg.model.path:
         raise ValueError("model.path is required: pass model.path=DIR (a Hugging Face model directory or a jaxsr checkpoint)")
     out = Path(args.out)
-    policy = load_policy(cfg.model.path, **cfg.model.dtypes, mesh=run_mesh(cfg))
+    policy = load_chat_policy(cfg.model.path, cfg.model, run_mesh(cfg))
     distributed.check_batches({stage: section}, policy.mesh)
     try:
         if stage == "sft":

@@ -38,6 +38,10 @@ class Environment:
     Options: ClassVar[type] = NoOptions
     # (key, header, format) of the columns eval_metrics adds to the report, after "model".
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    # Why a pretrained model (model.path) should not train on this environment's data; "" when it may.
+    only_from_scratch: ClassVar[str] = ""
+    # Its EFT rows are rendered with its own judge template, so the loop must judge with it (judge.template=env).
+    eft_in_own_judge_template: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -51,6 +55,14 @@ class Environment:
     @classmethod
     def has_prompt_source(cls) -> bool:
         return cls.new_prompts is not Environment.new_prompts
+
+    @classmethod
+    def has_tokenizer(cls) -> bool:
+        return cls.tokenizer is not Environment.tokenizer
+
+    @classmethod
+    def has_judge_template(cls) -> bool:
+        return cls.judge_template is not Environment.judge_template
 
     def grade(self, row: dict, response: str) -> float:
         raise NotImplementedError(f"environment {self.name!r} has no grader")

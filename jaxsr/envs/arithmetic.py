@@ -21,6 +21,7 @@ class Arithmetic(Environment):
 
     name = "arithmetic"
     report_columns = (("accuracy", "accuracy", "{:.1%}"),)
+    eft_in_own_judge_template = True  # seed_data renders EFT prompts with JUDGE_TEMPLATE
 
     @dataclasses.dataclass
     class Options:

@@ -15,6 +15,8 @@ class World(Environment):
 
     name = "world"
     report_columns = (("world_score", "world score (0-5)", "{:.2f}"), ("world_perfect", "perfect", "{:.1%}"))
+    only_from_scratch = "the built-in world's data is for from-scratch tiny models"
+    eft_in_own_judge_template = True  # world.data.eft_row renders WORLD_JUDGE_TEMPLATE
 
     @dataclasses.dataclass
     class Options:
