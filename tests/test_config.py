@@ -139,7 +139,8 @@ def test_paper_config_is_the_paper():
     cfg = load_config(CONFIG_DIR / "paper_llama2_70b.yaml")
     cfg.check_run()
     assert (cfg.model.path, cfg.model.chat_template) == ("meta-llama/Llama-2-70b-hf", "llama2")
-    assert cfg.data.source == "oasst" and cfg.data.options == {"path": "OpenAssistant/oasst1", "num_ift": 3200, "eft_path": ""}
+    assert cfg.data.source == "oasst" and cfg.data.options == {"path": "OpenAssistant/oasst1", "num_ift": 3200}
+    assert cfg.data.build_eft and cfg.eft.rebalance  # EFT built by the SFT baseline, as in §3.1.2
     assert cfg.prompts.generator == "meta-llama/Llama-2-70b-chat-hf" and cfg.prompts.num_prompts >= 6942
     assert (cfg.prompts.num_seed_shots, cfg.prompts.num_generated_shots, cfg.prompts.temperature) == (6, 2, 0.6)
     assert (cfg.sample.num_samples, cfg.sample.temperature, cfg.sample.top_p) == (4, 0.7, 0.9)
