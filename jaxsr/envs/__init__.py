@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Sequence
 
-from ..config import ConfigValueError, _unknown_key_error
+from ..config import ConfigValueError
+from ..configfile import unknown_key_error
 
 SEED_SPLITS = ("ift", "eft", "seed_prompts", "eval", "rm_eval", "eft_source")
 
@@ -107,7 +108,7 @@ def options_of(name: str, options: dict[str, Any] | None):
     for key in given.keys():
         if key not in schema:  # the error names the full key and the environment's own keys
             where = OmegaConf.create({"data": {"options": schema}})
-            raise ConfigValueError(f"environment {name!r}: {_unknown_key_error(where, f'data.options.{key}')}")
+            raise ConfigValueError(f"environment {name!r}: {unknown_key_error(where, f'data.options.{key}')}")
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, given))
     except oc_errors.OmegaConfBaseException as e:
