@@ -276,6 +276,9 @@ class DpoSection(TrainSection):
       beta / loss_type / label_smoothing: the preference loss (losses.preference_loss).
       rpo_alpha: weight of Iterative RPO's length-normalised NLL of the chosen response (0: none).
       reference: pi_ref log-probs precomputed with the pairs, or computed on the fly from a frozen copy of M_t.
+      eval_every / selection_prompts / selection_judge: checkpoint selection (docs/training.md; paper: 200, 253):
+        every eval_every steps (0: off) the current params play the selected checkpoint head-to-head on
+        selection_prompts prompts held out of the pairs, judged by M_t ("") or the model directory selection_judge.
     """
 
     shared_prompt: bool = True
@@ -284,6 +287,9 @@ class DpoSection(TrainSection):
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
     reference: str = "precomputed"
+    eval_every: int = 0
+    selection_prompts: int = 253
+    selection_judge: str = ""
 
     def validate(self, section: str):
         from .losses import LOSS_TYPES  # imported here: the config module loads without JAX
@@ -295,6 +301,11 @@ class DpoSection(TrainSection):
             raise ConfigValueError(f"{section}.label_smoothing={self.label_smoothing!r} must be in [0, 0.5]")
         _positive(f"{section}.rpo_alpha", self.rpo_alpha, zero_ok=True)
         _choice(f"{section}.reference", self.reference, ("precomputed", "on_the_fly"))
+        _positive(f"{section}.eval_every", self.eval_every, zero_ok=True)
+        _positive(f"{section}.selection_prompts", self.selection_prompts)
+        if self.selection_judge and not Path(self.selection_judge).is_dir():
+            raise ConfigValueError(f"{section}.selection_judge={self.selection_judge!r} is not a model directory; "
+                                   f"use '' for M_t as the judge")
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +83,17 @@ def initial_policy(ctx: Context) -> Policy:
     return random_policy(mcfg, seed=cfg.model.init_seed, **cfg.model.dtypes, mesh=mesh, tokenizer=tok)
 
 
-def promote(src: Path, dst: Path) -> None:
-    """The iteration checkpoint M_t: the training stage's final params-only checkpoint, moved into models/."""
+def promote(src: Path, dst: Path, *, copy: bool = False) -> None:
+    """The iteration checkpoint M_t: the training stage's final params-only checkpoint, moved (or copied) into
+    models/."""
     if distributed.is_primary():
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
-            src.rename(dst)
+            if copy:
+                shutil.copytree(src, dst.with_name(dst.name + ".tmp"), dirs_exist_ok=True)
+                dst.with_name(dst.name + ".tmp").rename(dst)
+            else:
+                src.rename(dst)
     distributed.barrier(f"promote {dst}")
 
 
@@ -105,16 +111,37 @@ def sft_from_m0(ctx: Context, splits: tuple[str, ...], work: str, model: str) ->
     promote(ctx.paths.train(work) / "final", ctx.path(model))
 
 
-def _dpo(ctx: Context) -> None:
+def _dpo(ctx: Context) -> dict | None:
     from .train import train_dpo
 
     pairs = artifacts.read_dataset(ctx.path("pairs")).to_list()
     if not pairs:
         raise RuntimeError(f"iteration {ctx.t}: no preference pairs (see {ctx.path('pairs') / 'stats.json'} and "
                            f"{ctx.path('judgements') / 'stats.json'}); cannot train M{ctx.t + 1}")
-    work = ctx.paths.train(f"dpo{ctx.t}")
-    train_dpo(ctx.policy(), pairs, ctx.cfg.dpo, work, remat=ctx.cfg.model.remat)
-    promote(work / "final", ctx.path("M_next"))
+    work, sec = ctx.paths.train(f"dpo{ctx.t}"), ctx.cfg.dpo
+    if not sec.eval_every:
+        train_dpo(ctx.policy(), pairs, sec, work, remat=ctx.cfg.model.remat)
+        promote(work / "final", ctx.path("M_next"))
+        return None
+    return _dpo_with_selection(ctx, pairs, work)
+
+
+def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
+    """DPO with checkpoint selection (jaxsr.selection): M_{t+1} is the selected checkpoint, M_t when none won."""
+    from .chat import load_chat_policy
+    from .selection import Selector, held_out
+    from .train import train_dpo
+
+    cfg, sec = ctx.cfg, ctx.cfg.dpo
+    pairs, prompts = held_out(pairs, sec.selection_prompts, ctx.seed("selection"))
+    base = ctx.policy()
+    judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh) if sec.selection_judge else base
+    sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
+                   judge_max_new_tokens=cfg.judge.max_new_tokens)
+    train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
+    src = sel.selected_dir()
+    promote(src or ctx.path("M_t"), ctx.path("M_next"), copy=src is None)
+    return {"selection": sel.stats() | {"train_pairs": len(pairs)}}
 
 
 # --- evaluation and report ---------------------------------------------------------------------------------
@@ -226,9 +253,22 @@ def report_rows(ctx: Context) -> list[dict]:
         row |= {"prompts": stages.get("prompts", {}).get("prompts")}
         row |= {k: summary.get(k) for k in ("pairs", "tie_rate", "parse_failure_rate", "mean_chosen_tokens",
                                             "mean_rejected_tokens")}
-        row |= _h2h_rows(ctx, t)
+        row |= _h2h_rows(ctx, t) | _selection_row(ctx, t)
         rows.append(row | {"samples": ev.get("samples", [])})
     return rows
+
+
+def _selection_row(ctx: Context, t: int) -> dict:
+    """The DPO step M_t was selected at and the step its DPO stopped at, when checkpoint selection made M_t."""
+    from .selection import LOG_FILE
+
+    path = ctx.paths.train(f"dpo{t - 1}") / LOG_FILE
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text())["entries"]
+    selected = [e["step"] for e in entries if e["selected"]]
+    stop = [e["step"] for e in entries if e["decision"] == "stop"]
+    return {"dpo_selected_step": selected[-1] if selected else None, "dpo_stopped_at": stop[0] if stop else None}
 
 
 def _stats(path: Path) -> dict:

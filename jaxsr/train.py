@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ from .train_state import State, abstract_state, init_state, make_optimizer, stat
 log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
+# on_checkpoint(step, params) -> "continue" | "stop": called with the params of a committed step checkpoint.
+CheckpointHook = Callable[[int, dict], str]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -217,8 +219,21 @@ class _MetricsFile:
 _RUN_KEYS = ("stage", "seed", "total_steps", "batch_size", "grad_accum", "num_items", "data_fingerprint", "packing")
 
 
+def _hook_steps(n: int, total: int, hook_every: int) -> bool:
+    """Whether the checkpoint hook runs after step n: every `hook_every` steps and after the last one."""
+    return hook_every > 0 and (n % hook_every == 0 or n == total)
+
+
+def _call_hook(on_checkpoint: CheckpointHook, n: int, params, stage: str) -> bool:
+    """Runs the hook; True when it asks to stop."""
+    answer = on_checkpoint(n, params)
+    if answer not in ("continue", "stop"):
+        raise ValueError(f"{stage}: on_checkpoint returned {answer!r} at step {n}; expected 'continue' or 'stop'")
+    return answer == "stop"
+
+
 def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn, remat, compute_dtype,
-         ref_params=None) -> Policy:
+         ref_params=None, on_checkpoint: CheckpointHook | None = None, hook_every: int = 0) -> Policy:
     stage, section = objective.name, objective.section
     plan = _plan(items, section, objective.packing)
     make_batch = objective.batches(items, multiple=batch_multiple(mesh), pad_id=policy.pad_token_id)
@@ -272,10 +287,16 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
 
     bar = distributed.progress(total, initial=start, desc=stage, unit="step")
     every = section.checkpoint_every
+    hook_every = hook_every if on_checkpoint is not None else 0
     pending = prepare(start) if start < total else None
     t_last = time.perf_counter()
+    end = total
     try:
-        for s in range(start, total):
+        # A run resumed at a hook step asks the hook again: a kill may have come between the save and the hook's
+        # answer, and a hook that keeps its decisions (jaxsr.selection) answers as before.
+        if start and _hook_steps(start, total, hook_every) and _call_hook(on_checkpoint, start, state["params"], stage):
+            end, pending = start, None
+        for s in range(start, end):
             batch, ntok, epoch = pending
             state, metrics_dev = train_step(state, batch, rng, ref_params)
             pending = prepare(s + 1) if s + 1 < total else None  # host work overlaps the device step
@@ -295,20 +316,27 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
                 log_fn(n, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if n % every == 0 or n == total:
+            hook = _hook_steps(n, total, hook_every)
+            if n % every == 0 or n == total or hook:
                 e, k = plan.locate(n) if n < total else (epoch, None)
                 meta = run_meta | {"step": n, "epoch": e, "batch_in_epoch": k, "rng": f"fold_in(key({section.seed}), step)"}
                 mngr.save(n, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
                 if bar.disable:
                     log.info("%s step %d/%d: loss %.4f, %.0f tokens/s", stage, n, total, metrics["loss"],
                              metrics["tokens_per_s"])
+            if hook:
+                mngr.wait_until_finished()  # the hook sees a committed checkpoint: a resume restarts from it
+                if _call_hook(on_checkpoint, n, state["params"], stage):
+                    log.info("%s: on_checkpoint stopped training at step %d of %d", stage, n, total)
+                    end = n
+                    break
     finally:
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
     trained = dataclasses.replace(policy, params=state["params"], mesh=mesh)
-    save_checkpoint(trained, final_dir, extra=run_meta | {"steps": total})
-    log.info("%s: wrote %s after %d steps", stage, final_dir, total)
+    save_checkpoint(trained, final_dir, extra=run_meta | {"steps": end, "stopped_early": end < total})
+    log.info("%s: wrote %s after %d steps", stage, final_dir, end)
     return trained
 
 
@@ -336,8 +364,14 @@ def _plan(items, section: TrainSection, packing: bool) -> data_lib.StepPlan:
 
 
 def train_objective(objective: Objective, policy: Policy, records, work_dir, *, mesh=None, log_fn=None,
-                    remat: str = "none", compute_dtype: str | None = None) -> Policy:
-    """Trains `policy` on `records` for `objective`; resumes from work_dir/steps, final model in work_dir/final."""
+                    remat: str = "none", compute_dtype: str | None = None,
+                    on_checkpoint: CheckpointHook | None = None, hook_every: int = 0) -> Policy:
+    """Trains `policy` on `records` for `objective`; resumes from work_dir/steps, final model in work_dir/final.
+
+    With `on_checkpoint` and `hook_every` > 0, a step checkpoint is also saved every `hook_every` steps and after
+    the last one, and `on_checkpoint(step, params)` is called once it is committed; "stop" ends training there
+    (the final model is that step's params). A run resumed at such a step calls the hook for it again.
+    """
     mesh = policy.mesh if mesh is None else mesh
     items = objective.tokenize(policy.tokenizer, list(records))
     ref_params = None
@@ -345,7 +379,7 @@ def train_objective(objective: Objective, policy: Policy, records, work_dir, *, 
         ref_params = policy.params if mesh is policy.mesh else jax.device_put(
             policy.params, param_shardings(policy.config, mesh, policy.rules))
     return _run(objective, policy, items, work_dir, mesh=mesh, log_fn=log_fn, remat=remat,
-                compute_dtype=compute_dtype, ref_params=ref_params)
+                compute_dtype=compute_dtype, ref_params=ref_params, on_checkpoint=on_checkpoint, hook_every=hook_every)
 
 
 def train_sft(policy: Policy, examples, section: SftSection, work_dir, *, mesh=None, log_fn=None,
@@ -359,14 +393,17 @@ def train_sft(policy: Policy, examples, section: SftSection, work_dir, *, mesh=N
 
 
 def train_dpo(policy: Policy, pairs, section: DpoSection, work_dir, *, mesh=None, log_fn=None,
-              remat: str = "none", compute_dtype: str | None = None) -> Policy:
+              remat: str = "none", compute_dtype: str | None = None,
+              on_checkpoint: CheckpointHook | None = None, hook_every: int = 0) -> Policy:
     """DPO on {prompt, chosen, rejected[, ref_*_logps]} records with pi_ref = `policy` (M_t).
 
     reference="precomputed" reads the pairs' ref log-probs (see `reference_logps`); "on_the_fly" keeps
     `policy`'s parameters as a frozen reference. Resumes from work_dir/steps; final model in work_dir/final.
+    `on_checkpoint` / `hook_every`: see `train_objective` (checkpoint selection, jaxsr.selection).
     """
     return train_objective(dpo_objective(section), policy, pairs, work_dir, mesh=mesh, log_fn=log_fn,
-                           remat=remat, compute_dtype=compute_dtype)
+                           remat=remat, compute_dtype=compute_dtype, on_checkpoint=on_checkpoint,
+                           hook_every=hook_every)
 
 
 # --- reference log-probs for pairs read from a file -------------------------------------------------------

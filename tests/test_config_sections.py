@@ -9,7 +9,8 @@ from jaxsr.config import ConfigValueError, DpoSection, SftSection, TrainSection,
 from jaxsr.losses import LOSS_TYPES
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-DPO_ONLY = ("shared_prompt", "beta", "loss_type", "label_smoothing", "rpo_alpha", "reference")
+DPO_ONLY = ("shared_prompt", "beta", "loss_type", "label_smoothing", "rpo_alpha", "reference", "eval_every", "selection_prompts",
+            "selection_judge")
 
 
 @pytest.mark.parametrize("key", DPO_ONLY)
@@ -38,6 +39,9 @@ def test_sections_keep_the_common_keys_in_order_and_add_their_own():
     ("dpo.grad_accum=3", r"dpo\.batch_size=16 is not divisible by dpo\.grad_accum=3"),
     ("dpo.beta=0", r"dpo\.beta=0\.0 must be > 0"),
     ("dpo.reference=live", r"dpo\.reference='live' is not allowed; choose one of \['precomputed', 'on_the_fly'\]"),
+    ("dpo.eval_every=-1", r"dpo\.eval_every=-1 must be >= 0"),
+    ("dpo.selection_prompts=0", r"dpo\.selection_prompts=0 must be > 0"),
+    ("dpo.selection_judge=/no/such/judge", r"dpo\.selection_judge='/no/such/judge' is not a model directory; use ''"),
 ])
 def test_checks_name_the_section(override, match):
     with pytest.raises(ConfigValueError, match=match):

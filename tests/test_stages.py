@@ -121,3 +121,26 @@ def test_stage_seeds_depend_on_run_seed_iteration_and_name_only():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout.strip()
     assert int(other) == stage_seed(3, 2, "judgements")
+
+
+@pytest.mark.slow
+def test_dpo_checkpoint_selection_runs_in_the_loop_and_its_log_reaches_the_manifest(tmp_path):
+    run_dir = tmp_path / "sel"
+    # The pairwise template alone is ~255 tokens: the judge (M1) needs a longer context than ARITH's 128.
+    loop.run(_cfg(run_dir, "dpo.eval_every=1", "dpo.selection_prompts=2", "prompts.num_prompts=12",
+                  "model.architecture.max_position_embeddings=320"))
+    stats = json.loads((run_dir / "manifest.json").read_text())["stages"]["iteration1/dpo"]["result"]["selection"]
+    log = json.loads((run_dir / "train" / "dpo1" / "selection.json").read_text())
+    assert len(log["prompts"]) == stats["prompts"] == 2
+    assert [e["step"] for e in stats["log"]] == [e["step"] for e in log["entries"][1:]]
+    assert stats["log"][0]["step"] == 1 and stats["log"][0]["against"] == 0
+    selected = stats["selected_step"]
+    rows = json.loads((run_dir / "report.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r.get("dpo_selected_step") for r in rows] == [None, selected]
+    want = run_dir / "models" / "M1" if selected == 0 else run_dir / "train" / "dpo1" / "selected" / f"step{selected}"
+    if selected:  # promoted (moved) into models/M2: compare with the step checkpoint's params instead
+        assert not want.exists()
+    else:
+        for a, b in zip(_params(run_dir / "models" / "M2"), _params(want)):
+            np.testing.assert_array_equal(a, b)

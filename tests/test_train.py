@@ -1,8 +1,10 @@
 """jaxsr.train against a naive unbatched DPO, finite differences, single-device steps and uninterrupted runs."""
 
+import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,6 +398,43 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(llama3,
     with caplog.at_level("INFO", logger="jaxsr.train"), pytest.raises(train.TrainingDiverged, match=f"at step {bad_step};"):
         train.train_sft(policy.with_params(params), recs, section, tmp_path)
     assert f"resumed from {tmp_path / 'steps' / str(bad_step - 1)} (step {bad_step - 1} of 12)" in caplog.text
+
+
+def test_checkpoint_hook_runs_every_n_steps_stops_early_and_is_asked_again_on_resume(policy1, tmp_path):
+    section = SftSection(lr=1e-3, batch_size=4, max_steps=6, dropout=0.0, max_length=64, checkpoint_every=100,
+                         keep_checkpoints=1)
+    sft, calls = objectives.sft_objective(section), []
+
+    def stop_at_4(step, params):
+        calls.append((step, jax.tree.map(np.asarray, params)))  # copied: the next step donates them
+        return "stop" if step == 4 else "continue"
+
+    trained = train.train_objective(sft, policy1, sft_records(8), tmp_path, on_checkpoint=stop_at_4, hook_every=2)
+    assert [s for s, _ in calls] == [2, 4]
+    lines = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4]
+    with ocp.CheckpointManager(tmp_path / "steps") as mngr:
+        assert mngr.latest_step() == 4  # saved although checkpoint_every=100: the hook needs it
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(calls[-1][1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    extra = json.loads((tmp_path / "final" / "jaxsr_model.json").read_text())["extra"]
+    assert extra["steps"] == 4 and extra["stopped_early"] is True
+    # A run killed after the step-4 save but before its final model: resumed, the hook is asked about step 4 again.
+    shutil.rmtree(tmp_path / "final")
+    again = train.train_objective(sft, policy1, sft_records(8), tmp_path, on_checkpoint=stop_at_4, hook_every=2)
+    assert [s for s, _ in calls] == [2, 4, 4]
+    for a, b, c in zip(jax.tree.leaves(again.params), jax.tree.leaves(calls[-1][1]), jax.tree.leaves(calls[1][1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+        np.testing.assert_array_equal(b, c)
+    # Without a stop the hook also sees the last step, and an unknown answer is an error.
+    seen = []
+    train.train_objective(objectives.sft_objective(dataclasses.replace(section, max_steps=5)), policy1, sft_records(8),
+                          tmp_path / "b",
+                    on_checkpoint=lambda s, p: seen.append(s) or "continue", hook_every=2)
+    assert seen == [2, 4, 5]
+    with pytest.raises(ValueError, match="on_checkpoint returned 'maybe' at step 2"):
+        train.train_objective(sft, policy1, sft_records(8), tmp_path / "c", on_checkpoint=lambda s, p: "maybe",
+                        hook_every=2)
 
 
 def test_learning_rate_schedules():
