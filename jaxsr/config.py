@@ -353,6 +353,9 @@ class JudgeSection:
       mode: sampled (K judgements, mean of valid scores) or expected (one justification, then the
         probability-weighted mean of the digits 0-5 after "Score:").
       exclude_truncated: drop candidates that hit sample.max_new_tokens before judging.
+      pairwise_template: the head-to-head and checkpoint-selection judge's prompt: "default" (jaxsr's,
+        evaluate.PAIRWISE_TEMPLATE) or a path to a template with <INSTRUCTION_HERE>, <OUTPUT_A_HERE> and
+        <OUTPUT_B_HERE> (a shorter one for a judge with a short context).
     """
 
     template: str = "paper"
@@ -362,6 +365,7 @@ class JudgeSection:
     top_p: float = 0.9
     max_new_tokens: int = 256
     exclude_truncated: bool = False
+    pairwise_template: str = "default"
 
     def __post_init__(self):
         _choice("judge.mode", self.mode, ("sampled", "expected"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -202,6 +203,23 @@ def render_pairwise_prompt(instruction: str, output_a: str, output_b: str, templ
             raise ValueError(f"pairwise template has no {slot} slot")
     values = {PAIRWISE_INSTRUCTION_SLOT: instruction, OUTPUT_A_SLOT: output_a, OUTPUT_B_SLOT: output_b}
     return _SLOT_RE.sub(lambda m: values[m.group(0)], template)
+
+
+def load_pairwise_template(path_or_name: str) -> str:
+    """`judge.pairwise_template`: "default" (PAIRWISE_TEMPLATE) or a template file with the three slots."""
+    if path_or_name == "default":
+        return PAIRWISE_TEMPLATE
+    path = Path(path_or_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairwise judge template file {str(path)!r} does not exist; pass 'default' for "
+                                f"jaxsr's template or the path of a text file with {PAIRWISE_INSTRUCTION_SLOT}, "
+                                f"{OUTPUT_A_SLOT} and {OUTPUT_B_SLOT}")
+    text = path.read_text(encoding="utf-8")
+    template = text[:-1] if text.endswith("\n") else text  # a file's final newline is not part of the prompt
+    missing = [s for s in (PAIRWISE_INSTRUCTION_SLOT, OUTPUT_A_SLOT, OUTPUT_B_SLOT) if s not in template]
+    if missing:
+        raise ValueError(f"pairwise judge template {str(path)!r} has no {', '.join(missing)} slot")
+    return template
 
 
 def parse_pairwise_verdict(text) -> str | None:

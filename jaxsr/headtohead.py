@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .chat import chat_token_ids
-from .evaluate import PAIRWISE_TEMPLATE, head_to_head, parse_pairwise_verdict, render_pairwise_prompt
+from .evaluate import (PAIRWISE_TEMPLATE, head_to_head, load_pairwise_template, parse_pairwise_verdict,
+                       render_pairwise_prompt)
 from .policy import Policy
 from .sample import generate
 
@@ -153,7 +154,8 @@ def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: S
             artifacts.write_json_atomic(ctx.paths.root / "eval" / "alpaca_eval" / f"{name}.json",
                                         alpaca_eval_records(instructions, answers[name], name))
     texts_ab, texts_ba, cut = judge_both_orders(_policy(ctx, judge[1]), instructions, answers[a[0]], answers[b[0]],
-                                                max_new_tokens=cfg.judge.max_new_tokens)
+                                                max_new_tokens=cfg.judge.max_new_tokens,
+                                                template=load_pairwise_template(cfg.judge.pairwise_template))
     res = result((a[0], b[0]), judge[0], instructions, answers[a[0]], answers[b[0]], texts_ab, texts_ba, cut)
     if distributed.is_primary():
         artifacts.write_json_atomic(ctx.paths.h2h(a[0], b[0]), res)

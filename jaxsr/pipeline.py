@@ -137,7 +137,8 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     base = ctx.policy()
     judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
-                   judge_max_new_tokens=cfg.judge.max_new_tokens)
+                   judge_max_new_tokens=cfg.judge.max_new_tokens,
+                   template=evaluate.load_pairwise_template(cfg.judge.pairwise_template))
     train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
     src = sel.selected_dir()
     promote(src or ctx.path("M_t"), ctx.path("M_next"), copy=src is None)
@@ -204,14 +205,24 @@ def _eval_row(ctx: Context, ev: dict) -> dict:
                                          "judge_spearman", "judge_kendall_tau", "eval_mean_tokens")}
 
 
+def h2h_instructions(ctx: Context) -> list[str]:
+    """The head-to-head's prompts: the eval split's instructions, else the prompts of rm_eval (oasst's held-out
+    trees: no model of the run trained on them)."""
+    rows = ctx.split("eval")
+    if rows is not None:
+        return [r["instruction"] for r in rows.to_list()]
+    rows = ctx.split("rm_eval")
+    if rows is not None:
+        return list(dict.fromkeys(r["prompt"] for r in rows.to_list()))
+    raise ValueError(f"loop.head_to_head: environment {ctx.env.name!r} has neither an eval nor an rm_eval split to "
+                     f"compare models on")
+
+
 def _h2h(ctx: Context) -> dict:
     """M_{t+1} against M_t, and against the SFT baseline when the run has one, judged by M_{t+1}."""
     from .headtohead import evaluate_pair
 
-    eval_rows = ctx.split("eval")
-    if eval_rows is None:
-        raise ValueError(f"loop.head_to_head: environment {ctx.env.name!r} has no eval split to compare models on")
-    instructions = [r["instruction"] for r in eval_rows.to_list()]
+    instructions = h2h_instructions(ctx)
     new, old = (f"M{ctx.t + 1}", ctx.path("M_next")), (f"M{ctx.t}", ctx.path("M_t"))
     stats = {}
     for other in (old, ("baseline", ctx.paths.model("baseline"))):

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from . import artifacts, distributed
+from .evaluate import PAIRWISE_TEMPLATE
 from .headtohead import greedy_answers, judge_both_orders, tally
 from .policy import Policy, save_checkpoint
 
@@ -54,8 +55,8 @@ class Selector:
     """
 
     def __init__(self, base: Policy, prompts: Sequence[str], work_dir, *, max_new_tokens: int,
-                 judge_max_new_tokens: int, judge: Policy | None = None):
-        self.base, self.prompts, self.judge = base, list(prompts), judge or base
+                 judge_max_new_tokens: int, judge: Policy | None = None, template: str = PAIRWISE_TEMPLATE):
+        self.base, self.prompts, self.judge, self.template = base, list(prompts), judge or base, template
         self.max_new_tokens, self.judge_max_new_tokens = max_new_tokens, judge_max_new_tokens
         self.work_dir = Path(work_dir).absolute()
         self.path = self.work_dir / LOG_FILE
@@ -90,7 +91,7 @@ class Selector:
         prev = self.selected
         answers = self._answers(self.base.with_params(params))
         texts_ab, texts_ba, _ = judge_both_orders(self.judge, self.prompts, answers, prev["answers"],
-                                                  max_new_tokens=self.judge_max_new_tokens)
+                                                  max_new_tokens=self.judge_max_new_tokens, template=self.template)
         t = tally(texts_ab, texts_ba)
         decision = decide(t["win_rate"])
         entry = {"step": step, "against": prev["step"], "wins": t["wins"], "ties": t["ties"], "losses": t["losses"],
