@@ -54,6 +54,7 @@ def test_example_environment_runs_the_loop_and_an_inserted_stage_changes_nothing
     assert rows[0]["pairs"] is not None and rows[0]["judge_pairwise_accuracy"] is not None
     report = (tmp_path / "plain" / "report.md").read_text()
     assert "| model | accuracy | judge pairwise acc |" in report
+    assert loop.run(_cfg(tmp_path / "plain")) == rows  # a finished run returns the same rows again
 
     seen = []
 
