@@ -11,6 +11,7 @@ from jaxsr.evaluate import (
     head_to_head,
     iteration_summary,
     kendall_tau,
+    load_pairwise_template,
     pairwise_accuracy,
     parse_pairwise_verdict,
     render_pairwise_prompt,
@@ -201,3 +202,17 @@ def test_iteration_summary():
     assert s["chosen_minus_rejected_tokens"] == 40.0
     partial = iteration_summary({"candidates": stats["candidates"]})
     assert partial["pairs"] is None and partial["mean_score"] is None and partial["score_histogram"] is None
+
+
+def test_pairwise_template_is_the_default_or_a_file_with_the_three_slots(tmp_path):
+    assert load_pairwise_template("default") == PAIRWISE_TEMPLATE
+    good = tmp_path / "short.txt"
+    good.write_text("Q: <INSTRUCTION_HERE>\nA: <OUTPUT_A_HERE>\nB: <OUTPUT_B_HERE>\n")
+    assert load_pairwise_template(str(good)) == "Q: <INSTRUCTION_HERE>\nA: <OUTPUT_A_HERE>\nB: <OUTPUT_B_HERE>"
+    assert render_pairwise_prompt("i", "a", "b", load_pairwise_template(str(good))) == "Q: i\nA: a\nB: b"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Q: <INSTRUCTION_HERE>\nA: <OUTPUT_A_HERE>")
+    with pytest.raises(ValueError, match="has no <OUTPUT_B_HERE> slot"):
+        load_pairwise_template(str(bad))
+    with pytest.raises(FileNotFoundError, match="pass 'default'"):
+        load_pairwise_template(str(tmp_path / "missing.txt"))
