@@ -51,7 +51,8 @@ def test_selector_selects_on_a_win_keeps_on_a_tie_stops_on_a_loss_and_replays_on
     script, judged, seen = ["win", "tie", "loss"], [], {}
     monkeypatch.setattr(selection, "greedy_answers", lambda pol, ps, max_new_tokens: [f"answer {p}" for p in ps])
 
-    def judge(judge_policy, ps, a, b, max_new_tokens):
+    def judge(judge_policy, ps, a, b, max_new_tokens, template):
+        assert template == selection.PAIRWISE_TEMPLATE  # the Selector's default
         ab, ba = VERDICT[script[len(judged)]]
         judged.append(len(ps))
         return [ab] * len(ps), [ba] * len(ps), 0
