@@ -3,7 +3,12 @@ with a real BPE tokenizer and the Open Assistant fixture, through every stage of
 checkpoint selection, head-to-head), its resume and its rerun."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -31,7 +36,7 @@ def _model_dir(tmp_path):
     return out
 
 
-def _config(tmp_path, run_dir):
+def _overrides(tmp_path, run_dir):
     model = _model_dir(tmp_path)
     # The fixture's context is 128 positions and an HF model's max_position_embeddings cannot be overridden, so the
     # paper's Fig. 2 judge template (~990 tokens) cannot fit: a short template with the same two slots stands in.
@@ -40,7 +45,7 @@ def _config(tmp_path, run_dir):
     # Likewise jaxsr's pairwise prompt (head-to-head, checkpoint selection), ~390 of the fixture's tokens.
     pairwise = tmp_path / "pairwise.txt"
     pairwise.write_text("Q: <INSTRUCTION_HERE>\nA: <OUTPUT_A_HERE>\nB: <OUTPUT_B_HERE>\nBetter, [[A]] or [[B]]?")
-    return load_config(CONFIG, [
+    return [
         # seed 1: one of the untrained baseline's 4 judgement sets agrees with the human ranking, so data/eft is
         # not empty (seeds 2-4 keep none)
         "seed=1", f"run_dir={run_dir}", f"model.path={model}", f"prompts.generator={FIXTURES / 'hf' / 'llama2'}",
@@ -55,7 +60,32 @@ def _config(tmp_path, run_dir):
         "sft.batch_size=2", "sft.max_steps=2", "sft.max_length=96", "sft.dropout=0.0",
         "dpo.batch_size=2", "dpo.max_steps=2", "dpo.max_length=96", "dpo.dropout=0.0",
         "dpo.checkpoint_every=1", "dpo.eval_every=1", "dpo.selection_prompts=2",
-    ])
+    ]
+
+
+def _config(tmp_path, run_dir):
+    return load_config(CONFIG, _overrides(tmp_path, run_dir))
+
+
+def _killed_during_eft_judging(tmp_path, run_dir, timeout=600):
+    """`jaxsr run` in a subprocess, SIGKILLed as soon as the SFT baseline is done (EFT judging has started);
+    whether it was killed there (as tests/test_loop.py's _kill_when)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")  # as conftest
+    cmd = [sys.executable, "-m", "jaxsr.cli", "run", "--config", str(CONFIG), *_overrides(tmp_path, run_dir)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if (run_dir / "manifest.json").is_file() and "sft_baseline" in _manifest(run_dir)["stages"]:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return "eft_judge" not in _manifest(run_dir)["stages"]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return False
 
 
 def _manifest(run_dir):
@@ -119,12 +149,15 @@ def test_paper_config_runs_every_stage_resumes_and_reruns(tmp_path, capsys):
     assert loop.run(cfg) == rows
     assert "already complete" in capsys.readouterr().out
 
-    # Resume: stopped after EFT judging, then rerun, gives what the uninterrupted run gave.
-    part = tmp_path / "part"
+    # Resume: a run stopped after EFT judging, and one SIGKILLed during it, rerun, end as the uninterrupted one.
+    part, killed = tmp_path / "part", tmp_path / "killed"
     with pytest.raises(SystemExit, match="eft_judge"):
         loop.run(_config(tmp_path, part), stop_after="eft_judge")
     loop.run(_config(tmp_path, part))
-    assert _rows(part / "data" / "eft") == _rows(full / "data" / "eft")
-    assert _rows(part / "iteration1" / "pairs") == _rows(full / "iteration1" / "pairs")
-    for model in ("baseline", "M1", "M2"):
-        jax.tree.map(np.testing.assert_array_equal, _params(part / "models" / model), _params(full / "models" / model))
+    assert _killed_during_eft_judging(tmp_path, killed)
+    loop.run(_config(tmp_path, killed))  # takes over the dead run's lock
+    for run in (part, killed):
+        assert _rows(run / "data" / "eft") == _rows(full / "data" / "eft")
+        assert _rows(run / "iteration1" / "pairs") == _rows(full / "iteration1" / "pairs")
+        for model in ("baseline", "M1", "M2"):
+            jax.tree.map(np.testing.assert_array_equal, _params(run / "models" / model), _params(full / "models" / model))
