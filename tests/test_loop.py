@@ -54,9 +54,11 @@ def _stages_done(run_dir) -> set:
         return set()
 
 
-def _kill_when(run_dir, condition, timeout=600):
-    """Starts the run, SIGKILLs it as soon as `condition(run_dir)` holds; returns whether it was killed."""
-    proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_when(run_dir, condition, timeout=600, *, cmd=None, env=None):
+    """Starts the run (`cmd`, default the micro tiny.yaml run), SIGKILLs it as soon as `condition(run_dir)` holds;
+    returns whether it was killed."""
+    proc = subprocess.Popen(cmd or _cmd(run_dir), env=env or _env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:

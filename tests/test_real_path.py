@@ -5,10 +5,7 @@ checkpoint selection, head-to-head), its resume and its rerun."""
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,6 +14,7 @@ import pytest
 
 from jaxsr import artifacts
 from jaxsr.config import load_config
+from test_loop import _kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "paper_llama2_70b.yaml"
@@ -67,25 +65,13 @@ def _config(tmp_path, run_dir):
     return load_config(CONFIG, _overrides(tmp_path, run_dir))
 
 
-def _killed_during_eft_judging(tmp_path, run_dir, timeout=600):
-    """`jaxsr run` in a subprocess, SIGKILLed as soon as the SFT baseline is done (EFT judging has started);
-    whether it was killed there (as tests/test_loop.py's _kill_when)."""
+def _killed_during_eft_judging(tmp_path, run_dir):
+    """`jaxsr run` in a subprocess, SIGKILLed as soon as the SFT baseline is done; whether EFT judging had not
+    finished then."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")  # as conftest
     cmd = [sys.executable, "-m", "jaxsr.cli", "run", "--config", str(CONFIG), *_overrides(tmp_path, run_dir)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            if (run_dir / "manifest.json").is_file() and "sft_baseline" in _manifest(run_dir)["stages"]:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return "eft_judge" not in _manifest(run_dir)["stages"]
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return False
+    started = lambda d: (d / "manifest.json").is_file() and "sft_baseline" in _manifest(d)["stages"]  # noqa: E731
+    return _kill_when(run_dir, started, cmd=cmd, env=env) and "eft_judge" not in _manifest(run_dir)["stages"]
 
 
 def _manifest(run_dir):
