@@ -127,14 +127,16 @@ def resolve_model(ctx, spec) -> tuple[str, Path]:
 
 
 def _policy(ctx, path: Path) -> Policy:
-    """A run model through the context's cache (the stage before may hold it already), any other from disk."""
-    from .policy import load_policy
+    """A model of the run (M_t, baseline) through the context's cache (the stage before may hold it already), any
+    other through the same loader (the run's dtypes and chat template)."""
+    from .chat import load_chat_policy
 
-    for t in range(ctx.cfg.loop.iterations + 1):
-        if ctx.paths.model(t) == path:
-            return ctx.policy(t)
+    path = Path(path)
+    if path.resolve().parent == (ctx.paths.root / "models").resolve():
+        name = path.name
+        return ctx.policy(int(name[1:]) if name[:1] == "M" and name[1:].isdigit() else name)
     ctx._models.clear()  # one model on the devices at a time
-    return load_policy(path, **ctx.cfg.model.dtypes, mesh=ctx.mesh)
+    return load_chat_policy(path, ctx.cfg.model, ctx.mesh)
 
 
 def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: Sequence[str], *,

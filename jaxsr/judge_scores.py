@@ -11,11 +11,10 @@ import functools
 import jax
 import numpy as np
 
-from . import distributed
 from .model import decoder
 from .model.config import ModelConfig
-from .model.sharding import ShardingRules, batch_multiple, batch_sharding
-from .policy import DTYPES, Policy, pad_batch, param_shardings
+from .model.sharding import ShardingRules, batch_sharding
+from .policy import DTYPES, Policy, call_on_rows, param_shardings
 
 SCORES = range(6)
 
@@ -66,9 +65,6 @@ def digit_masses(policy: Policy, ids_BxT: np.ndarray, mask_BxT: np.ndarray) -> n
 
     With several processes every process must call it with the same rows; each returns all the masses.
     """
-    n, m = len(ids_BxT), batch_multiple(policy.mesh)
+    policy = policy.for_compute()  # the compute-dtype copy sampling uses, made once per model
     fn = digit_mass_fn(policy.config, policy.mesh, policy.dtype, policy.rules, digit_id_table(policy.tokenizer))
-    b2 = batch_sharding(policy.mesh, 2, policy.rules)
-    mass_Bx6 = fn(policy.params, distributed.global_array(pad_batch(ids_BxT.astype(np.int32), m), b2),
-                  distributed.global_array(pad_batch(mask_BxT.astype(bool), m, True), b2))
-    return distributed.to_host(mass_Bx6)[:n]
+    return call_on_rows(policy, fn, ids_BxT, mask_BxT)

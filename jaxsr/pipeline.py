@@ -128,7 +128,6 @@ def _dpo(ctx: Context) -> dict | None:
 
 def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     """DPO with checkpoint selection (jaxsr.selection): M_{t+1} is the selected checkpoint, M_t when none won."""
-    from .chat import load_chat_policy
     from .selection import Selector, held_out
     from .train import train_dpo
 
@@ -168,15 +167,16 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
     rm_rows = ctx.split("rm_eval")
     if rm_rows is not None:
         rows = rm_rows.to_list()
+        cands = [r["candidates"] if "candidates" in r else r["responses"] for r in rows]
         template = selfreward.judge_template(ctx)
         reqs, owners = [], []
         for i, r in enumerate(rows):
-            for j, cand in enumerate(r["candidates"] if "candidates" in r else r["responses"]):
+            for j, cand in enumerate(cands[i]):
                 reqs.append(selfreward.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
                                                          cfg.judge.max_new_tokens)[0])
                 owners.append((i, j))
         verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"))
-        model_scores = [[None] * len(r["candidates"] if "candidates" in r else r["responses"]) for r in rows]
+        model_scores = [[None] * len(c) for c in cands]
         failures = total = 0
         for (i, j), v in zip(owners, verdicts):
             parsed = [score for _, score, _ in v]

@@ -326,11 +326,16 @@ def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-    n = len(ids)
     policy = policy.for_compute()
-    m = batch_multiple(policy.mesh)
     fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
+    return call_on_rows(policy, fn, ids, mask).astype(np.float32)
+
+
+def call_on_rows(policy: Policy, fn, ids_BxT: np.ndarray, mask_BxT: np.ndarray) -> np.ndarray:
+    """`fn(policy.params, ids, mask)` (jitted, rows over the batch sharding) on rows padded to the data-parallel
+    multiple; the result's rows on the host, padding stripped. Every process calls it with the same rows."""
+    n, m = len(ids_BxT), batch_multiple(policy.mesh)
     b2 = batch_sharding(policy.mesh, 2, policy.rules)
-    logits = fn(policy.params, distributed.global_array(pad_batch(ids.astype(np.int32), m), b2),
-                distributed.global_array(pad_batch(mask, m, True), b2))
-    return distributed.to_host(logits)[:n].astype(np.float32)
+    out = fn(policy.params, distributed.global_array(pad_batch(ids_BxT.astype(np.int32), m), b2),
+             distributed.global_array(pad_batch(mask_BxT.astype(bool), m, True), b2))
+    return distributed.to_host(out)[:n]

@@ -28,7 +28,7 @@ from .pairs import select_pair
 from .policy import Policy
 from .sample import generate
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
-from .stages import Context, Stage, map_rows, stage_seed
+from .stages import Context, Stage, map_rows, stage_seed, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +283,7 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
             p["ref_chosen_logps"], p["ref_rejected_logps"] = float(a), float(b)
             kept.append(p)
         pairs = kept
-    # One shard: either all pairs (with their reference log-probs) are committed or none are.
-    writer = artifacts.ShardedWriter(out_dir, shard_size=max(1, len(pairs)))
-    if writer.done_rows() == 0:
-        writer.extend(pairs)
-    writer.finalize()
+    write_rows(out_dir, pairs)  # all pairs (with their reference log-probs) are committed or none are
     n_prompts = len(by_prompt)
     stats = {"stage": "pairs", "iteration": iteration, "prompts": n_prompts, "pairs": len(pairs),
              "tie_rate": ties / n_prompts if n_prompts else 0.0, "too_few_valid": too_few, "unusable_for_dpo": unusable,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -189,11 +190,8 @@ def rows_of(path: Path) -> int | None:
     """Rows of a finished dataset artifact (None for anything else), for the stage log lines."""
     done = Path(path) / artifacts.COMPLETE
     if done.is_file():
-        import json
-
         return json.loads(done.read_text())["num_rows"]
     return None
-
 
 
 @dataclasses.dataclass(frozen=True)
