@@ -118,6 +118,17 @@ class ShardedWriter:
         """Rows committed to disk (by this writer or an earlier, interrupted one)."""
         return self._done
 
+    def reopen(self) -> None:
+        """Makes a finalized directory appendable again (it is incomplete until the next `finalize`): for a stage
+        that grows an earlier stage's dataset (the pairs target, `prompts.target_pairs`). Every process calls it."""
+        if not self._complete:
+            return
+        if self._primary:
+            (self.directory / COMPLETE).unlink()
+            _fsync(self.directory)
+        distributed.barrier(f"reopen {self.directory}")
+        self._complete = False
+
     def append(self, row: dict) -> None:
         if self._complete:
             raise ValueError(f"{self.directory} is already finalized; write a new directory instead")

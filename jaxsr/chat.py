@@ -91,12 +91,14 @@ def load_chat_tokenizer(path, model) -> Any:
     return set_chat_template(load_tokenizer(path), model.chat_template, model=str(path))
 
 
-def load_chat_policy(path, model, mesh):
+def load_chat_policy(path, model, mesh, *, sample_only: bool = False):
     """A policy of the run (M0 from `model.path`, or M_t) with `model`'s dtypes and chat template; the tokenizer is
-    checked before the weights load."""
+    checked before the weights load. `sample_only`: a model that never trains (a fixed judge) is stored in the
+    compute dtype, without float32 master weights."""
     import dataclasses
 
     from .policy import load_policy
 
     tokenizer = load_chat_tokenizer(path, model)
-    return dataclasses.replace(load_policy(path, **model.dtypes, mesh=mesh), tokenizer=tokenizer)
+    dtypes = {"dtype": model.dtype, "param_dtype": model.dtype} if sample_only else model.dtypes
+    return dataclasses.replace(load_policy(path, **dtypes, mesh=mesh), tokenizer=tokenizer)

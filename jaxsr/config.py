@@ -28,6 +28,28 @@ def _positive(key: str, value, *, zero_ok: bool = False):
         raise ConfigValueError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(key: str, value: str) -> None:
+    """A model the run loads by path (a fixed generator or judge): a Hugging Face model directory or a jaxsr
+    checkpoint, with a tokenizer (it reads and writes text), or a hub name (checked when it loads)."""
+    p = Path(value).expanduser()
+    if not p.exists():
+        if value.count("/") == 1 and not value.startswith((".", "/", "~")):
+            return  # a hub name: resolved (from the cache or the hub) when the model loads
+        raise ConfigValueError(f"{key}={value!r}: no such model directory (expected a Hugging Face model directory, "
+                               f"a jaxsr checkpoint or a hub name such as meta-llama/Llama-2-70b-chat-hf)")
+    jaxsr_checkpoint = (p / "jaxsr_model.json").is_file()
+    if not jaxsr_checkpoint and not (p / "config.json").is_file():
+        raise ConfigValueError(f"{key}={value!r}: not a model directory (no config.json, and no jaxsr_model.json "
+                               f"of a jaxsr checkpoint)")
+    tok = p / "tokenizer" if jaxsr_checkpoint else p
+    if not any((tok / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigValueError(f"{key}={value!r}: the model has no tokenizer (none of {', '.join(_TOKENIZER_FILES)} "
+                               f"in {tok}); it reads and writes text, so it needs its own")
+
+
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh sizes (one may be -1: "the remaining devices").
@@ -318,9 +340,19 @@ class PromptsSection:
         or "env": the environment's own prompt sampler as the fixed generator.
       requests_per_round: few-shot requests generated together; one round's accepted prompts form one shard.
       max_rounds: give up (with what was accepted) after this many rounds.
+      target_pairs: preference pairs DPO trains on per iteration (the paper's 3,964, then 6,942): [] = no target,
+        one value for every iteration, or one per iteration (M1 -> M2 first); with checkpoint selection
+        (dpo.eval_every) the pairs stage keeps dpo.selection_prompts more, held out as its validation prompts.
+        With a target, `num_prompts` is the
+        first block of prompts; the pairs stage generates, answers and judges more blocks (sized by the pair
+        yield so far) until the target is met or `max_prompts` prompts exist, and keeps exactly the first
+        `target` pairs in prompt order.
+      max_prompts: the cap on an iteration's prompts when a target is set (0 = 10 x num_prompts).
     """
 
     num_prompts: int = 1000
+    target_pairs: list[int] = dataclasses.field(default_factory=list)
+    max_prompts: int = 0
     generator: str = ""
     num_seed_shots: int = 6
     num_generated_shots: int = 2
@@ -341,6 +373,28 @@ class PromptsSection:
         if not 0 < self.max_rouge <= 1:
             raise ConfigValueError(f"prompts.max_rouge={self.max_rouge!r} must be in (0, 1]")
         _positive("prompts.requests_per_round", self.requests_per_round)
+        _positive("prompts.max_prompts", self.max_prompts, zero_ok=True)
+        if self.target_pairs and self.prompt_cap < self.num_prompts:
+            raise ConfigValueError(f"prompts.max_prompts={self.max_prompts} is below prompts.num_prompts="
+                                   f"{self.num_prompts}, the first block of prompts")
+        for i, n in enumerate(self.target_pairs):
+            _positive(f"prompts.target_pairs[{i}]", n)
+            if n > self.prompt_cap:
+                raise ConfigValueError(
+                    f"prompts.target_pairs[{i}]={n} cannot be met: a prompt gives at most one pair and the prompts "
+                    f"are capped at {self.prompt_cap} (prompts.max_prompts={self.max_prompts}"
+                    f"{', i.e. 10 x prompts.num_prompts' if not self.max_prompts else ''}); raise prompts.max_prompts")
+
+    @property
+    def prompt_cap(self) -> int:
+        """The most prompts an iteration generates when it has a pairs target."""
+        return self.max_prompts or 10 * self.num_prompts
+
+    def target(self, iteration: int) -> int:
+        """The pairs target of iteration t (M_t -> M_{t+1}); 0 = none."""
+        if not self.target_pairs:
+            return 0
+        return self.target_pairs[min(iteration, len(self.target_pairs)) - 1]
 
 
 @dataclasses.dataclass
@@ -467,6 +521,28 @@ class JaxsrConfig:
                                    f"{env.only_from_scratch}; "
                                    f"set data.source to oasst (Open Assistant, the paper's seeds) or files (your JSONL "
                                    f"data), or leave model.path empty for a from-scratch model")
+        n_iter = self.loop.iterations - 1
+        if len(self.prompts.target_pairs) > 1 and len(self.prompts.target_pairs) != n_iter:
+            raise ConfigValueError(f"prompts.target_pairs={self.prompts.target_pairs} has "
+                                   f"{len(self.prompts.target_pairs)} values but loop.iterations="
+                                   f"{self.loop.iterations} makes {n_iter} self-rewarding iterations (M1 -> M2 ..); "
+                                   f"give one value for all or one per iteration")
+        if self.loop.head_to_head and not env.has_eval_prompts:
+            raise ConfigValueError(f"loop.head_to_head=true with data.source={env.name!r}: that environment has no "
+                                   f"held-out prompts (eval or rm_eval) to compare models on; set loop.head_to_head="
+                                   f"false and compare models afterwards on your own prompts with "
+                                   f"`jaxsr eval --head-to-head A B --prompts FILE`")
+        if self.prompts.generator not in ("", "env"):
+            check_model_dir("prompts.generator", self.prompts.generator)
+        if self.dpo.eval_every and self.dpo.selection_judge:
+            check_model_dir("dpo.selection_judge", self.dpo.selection_judge)
+        held = self.dpo.selection_prompts if self.dpo.eval_every else 0
+        for i, n in enumerate(self.prompts.target_pairs):
+            if held and n + held > self.prompts.prompt_cap:
+                raise ConfigValueError(
+                    f"prompts.target_pairs[{i}]={n} + dpo.selection_prompts={held} (held out for checkpoint "
+                    f"selection) cannot be met: a prompt gives at most one pair and the prompts are capped at "
+                    f"{self.prompts.prompt_cap} (prompts.max_prompts); raise prompts.max_prompts")
         if env.eft_in_own_judge_template and self.judge.template != "env":
             raise ConfigValueError(f"judge.template={self.judge.template!r} with data.source={env.name!r}: that "
                                    f"environment's EFT rows teach its own judge template, so M_t would judge with a "

@@ -128,15 +128,15 @@ def resolve_model(ctx, spec) -> tuple[str, Path]:
 
 def _policy(ctx, path: Path) -> Policy:
     """A model of the run (M_t, baseline) through the context's cache (the stage before may hold it already), any
-    other through the same loader (the run's dtypes and chat template)."""
+    other through the same loader (the run's compute dtype and chat template; it only samples)."""
     from .chat import load_chat_policy
 
     path = Path(path)
     if path.resolve().parent == (ctx.paths.root / "models").resolve():
         name = path.name
         return ctx.policy(int(name[1:]) if name[:1] == "M" and name[1:].isdigit() else name)
-    ctx._models.clear()  # one model on the devices at a time
-    return load_chat_policy(path, ctx.cfg.model, ctx.mesh)
+    ctx.release_models()  # one model on the devices at a time
+    return load_chat_policy(path, ctx.cfg.model, ctx.mesh, sample_only=True)
 
 
 def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: Sequence[str], *,

@@ -110,8 +110,9 @@ class Manifest:
             return
         self.data["stages"][stage] = {
             "status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "inputs": {k: self._hash(v) for k, v in (inputs or {}).items()},
-            "outputs": {k: self._hash(v, fresh=True) for k, v in outputs.items()}, **info}
+            # Outputs first: a grown input (Stage.grows) is hashed afresh as an output, then reused as an input.
+            "outputs": {k: self._hash(v, fresh=True) for k, v in outputs.items()},
+            "inputs": {k: self._hash(v) for k, v in (inputs or {}).items()}, **info}
         self.save()
 
     def _hash(self, path: Path, fresh: bool = False) -> str:
@@ -183,6 +184,6 @@ def _run_stage(ctx: Context, key: str, manifest: Manifest) -> None:
     seconds = round(time.time() - t0, 1)
     named = lambda names: dict(ctx.paths.artifact(n, ctx.t) for n in names)  # noqa: E731
     outputs = named(stage.writes)
-    manifest.mark(key, outputs, named(stage.reads) or None, seconds=seconds, result=result)
+    manifest.mark(key, outputs | named(stage.grows), named(stage.reads) or None, seconds=seconds, result=result)
     rows = [f"{n} {r} rows" for n, p in outputs.items() if (r := rows_of(p)) is not None]
     log.info("stage %s: done in %.1f s%s", key, seconds, f" ({', '.join(rows)})" if rows else "")

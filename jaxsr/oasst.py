@@ -129,6 +129,9 @@ def build_oasst_seeds(source, *, num_ift: int | None = 3200, lang: str | None = 
         elif r["role"] == "assistant" and r["parent_id"] is not None:
             replies.setdefault(r["parent_id"], []).append(r)
     stats["prompts"] = len(roots)
+    # Broken trees: replies whose parent message is not in the table (a truncated or filtered export) are skipped.
+    ids = {r["message_id"] for r in rows}
+    stats["orphan_replies"] = sum(len(reps) for parent, reps in replies.items() if parent not in ids)
 
     ift, eft_train, rm_eval = [], [], []
     stats.update(ift_candidates=0, ift_held_out=0, no_rank0_reply=0, eft_too_few_ranked=0)
@@ -161,6 +164,11 @@ def build_oasst_seeds(source, *, num_ift: int | None = 3200, lang: str | None = 
     stats.update(ift=len(ift), eft_train=len(eft_train), rm_eval=len(rm_eval),
                  eft_train_responses=sum(len(e["responses"]) for e in eft_train),
                  rm_eval_responses=sum(len(e["responses"]) for e in rm_eval))
+    if not stats["ift_candidates"]:
+        raise DataError(f"{where}: no IFT example: no first-turn prompt has a reply of rank 0 ({stats['prompts']} "
+                        f"prompts, {stats['unranked_replies']} unranked replies, {stats['orphan_replies']} replies "
+                        f"whose parent is missing); Open Assistant exports without ranks (or with lang!={lang!r} "
+                        f"only) cannot seed SFT. Stats: {stats}")
     if num_ift is not None and len(ift) < num_ift:
         log.warning("%s: only %d IFT examples (asked for %d); see stats %s", where, len(ift), num_ift, stats)
 

@@ -134,7 +134,7 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     cfg, sec = ctx.cfg, ctx.cfg.dpo
     pairs, prompts = held_out(pairs, sec.selection_prompts, ctx.seed("selection"))
     base = ctx.policy()
-    judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh) if sec.selection_judge else base
+    judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh, sample_only=True) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
                    judge_max_new_tokens=cfg.judge.max_new_tokens,
                    template=evaluate.load_pairwise_template(cfg.judge.pairwise_template))
@@ -214,8 +214,9 @@ def h2h_instructions(ctx: Context) -> list[str]:
     rows = ctx.split("rm_eval")
     if rows is not None:
         return list(dict.fromkeys(r["prompt"] for r in rows.to_list()))
-    raise ValueError(f"loop.head_to_head: environment {ctx.env.name!r} has neither an eval nor an rm_eval split to "
-                     f"compare models on")
+    raise FileNotFoundError(f"{ctx.paths.data('eval')}: this run has neither an eval nor an rm_eval split "
+                            f"(data.source={ctx.env.name!r}) to compare models on; give prompts "
+                            f"(jaxsr eval --head-to-head A B --prompts FILE)")
 
 
 def _h2h(ctx: Context) -> dict:

@@ -54,12 +54,17 @@ for _base, _aliases in {"meta-llama/Llama-2-7b-hf": ["meta-llama/Llama-2-7b-chat
 
 def resolve_model(run_cfg):
     """(ModelConfig, where it came from) for `model.path`, without network access."""
+    if not run_cfg.model.path:
+        return _from_scratch(run_cfg), f"model.architecture (tokenizer {run_cfg.model.tokenizer})"
+    return resolve_model_path(run_cfg.model.path, "model.path")
+
+
+def resolve_model_path(path: str, key: str):
+    """(ModelConfig, where it came from) of the model at `path` (a directory, a cached or built-in hub name), the
+    value of config key `key`, without network access."""
     from .model.config import ModelConfig, from_hf_dict, read_hf_config
     from .policy import JAXSR_MODEL_FILE
 
-    path = run_cfg.model.path
-    if not path:
-        return _from_scratch(run_cfg), f"model.architecture (tokenizer {run_cfg.model.tokenizer})"
     p = Path(path).expanduser()
     if (p / JAXSR_MODEL_FILE).is_file():
         return ModelConfig.from_dict(json.loads((p / JAXSR_MODEL_FILE).read_text())["model"]), str(p)
@@ -73,7 +78,7 @@ def resolve_model(run_cfg):
             return from_hf_dict(json.loads(Path(cached).read_text()), where=cached), cached
     if path in KNOWN_ARCHITECTURES:
         return from_hf_dict(KNOWN_ARCHITECTURES[path], where=f"built-in architecture {path}"), f"built-in table ({path})"
-    raise ValueError(f"model.path={path!r} is neither a local model directory nor a cached or built-in hub model; "
+    raise ValueError(f"{key}={path!r} is neither a local model directory nor a cached or built-in hub model; "
                      f"download it (huggingface-cli download {path} config.json) or use one of: {', '.join(sorted(KNOWN_ARCHITECTURES))}")
 
 
@@ -235,6 +240,23 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     peaks = {"sft": train + out["sft_activations"] + out["sft_logits"],
              "dpo": train + out["reference"] + out["dpo_activations"] + out["dpo_logits"],
              "sample": held + out["kv_cache"] + out["sample_logits"]}
+    # Models that only sample, stored in the compute dtype (policy for prompts.generator; chat.load_chat_policy
+    # with sample_only for dpo.selection_judge): their weights, FSDP gathers, KV cache and logits.
+    sampler = lambda mc: _sampler_bytes(mc, sizes, b, rows["sample"], slots)  # noqa: E731
+    gen, judge = _other_models(run_cfg)
+    if gen is not None:
+        # The fixed generator has the devices to itself: M_t is released before it loads (selfreward._prompts).
+        out |= {f"generator_{k}": v for k, v in sampler(gen).items()}
+        peaks["prompts"] = sum(out[f"generator_{k}"] for k in ("params", "gathered_weights", "kv_cache", "logits"))
+    if run_cfg.dpo.eval_every:
+        # Checkpoint selection runs inside DPO (jaxsr.selection): the training state stays; the checkpoint under
+        # test gets its compute copy; a fixed judge model adds its own weights, else M_t judges.
+        out["selection_checkpoint"] = elems * b
+        own = {"params": 0, "gathered_weights": 0, "kv_cache": out["kv_cache"], "logits": out["sample_logits"]}
+        j = sampler(judge) if judge is not None else own
+        out |= {f"selection_judge_{k}": j[k] for k in ("params", "kv_cache", "logits")}
+        peaks["selection"] = (train + out["selection_checkpoint"] + j["params"] + j["gathered_weights"]
+                              + max(j["kv_cache"], out["kv_cache"]) + max(j["logits"], out["sample_logits"]))
     capacity = accelerator_bytes(accelerator)
     usable = int(capacity * USABLE_FRACTION)
     return {"model": {"model_type": m.model_type, "num_params": m.num_params, "layers": m.num_layers,
@@ -244,6 +266,26 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
             "remat": run_cfg.model.remat, "optimizer_dtypes": [np.dtype(d).name for d in moments],
             "replicated_param_elements": repl, "rows_per_device": rows, "kv_slots": slots,
             "bytes": out, "peaks": peaks, "peak": max(peaks.values()), "fits": max(peaks.values()) <= usable}
+
+
+def _other_models(run_cfg):
+    """ModelConfigs of the fixed prompt generator and selection judge (None: M_t plays that part or an environment's
+    sampler does)."""
+    gen = run_cfg.prompts.generator
+    judge = run_cfg.dpo.selection_judge if run_cfg.dpo.eval_every else ""
+    return (resolve_model_path(gen, "prompts.generator")[0] if gen not in ("", "env") else None,
+            resolve_model_path(judge, "dpo.selection_judge")[0] if judge else None)
+
+
+def _sampler_bytes(m, sizes, b: int, rows: int, slots: int) -> dict:
+    """Per-device bytes of a model that only samples, on the run's mesh, in compute bytes `b`."""
+    t = sizes["tensor"]
+    elems = param_elements_per_device(m, sizes)[0]
+    per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
+    return {"params": elems * b,
+            "gathered_weights": b * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t,
+            "kv_cache": 2 * m.num_layers * rows * slots * (m.num_kv_heads // t) * m.head_dim * b,
+            "logits": rows * m.vocab_size * 4 // t}
 
 
 def format_plan(p: dict, source: str) -> str:
@@ -261,6 +303,14 @@ def format_plan(p: dict, source: str) -> str:
             ("DPO logits + grad [B,T,V] float32", bt["dpo_logits"]),
             (f"KV cache ({r['sample']} rows/device x {p['kv_slots']} slots)", bt["kv_cache"]),
             ("sampling logits [B,V] float32", bt["sample_logits"])]
+    if "generator_params" in bt:
+        rows += [(f"prompt generator: parameters ({p['dtype']})", bt["generator_params"]),
+                 ("prompt generator: all-gathered weights", bt["generator_gathered_weights"]),
+                 ("prompt generator: KV cache + logits", bt["generator_kv_cache"] + bt["generator_logits"])]
+    if "selection_checkpoint" in bt:
+        rows += [(f"selection: checkpoint under test ({p['dtype']} copy)", bt["selection_checkpoint"]),
+                 (f"selection: judge parameters ({p['dtype']}; 0 = M_t judges)", bt["selection_judge_params"]),
+                 ("selection: judge KV cache + logits", bt["selection_judge_kv_cache"] + bt["selection_judge_logits"])]
     lines = [f"model     {source}: {p['model']['model_type']}, {p['model']['num_params']:,} parameters",
              f"hardware  {p['devices']} x {p['accelerator']} ({p['device_bytes'] / GiB:.1f} GiB each, "
              f"{p['usable_bytes'] / GiB:.1f} GiB usable at {USABLE_FRACTION:.0%})",

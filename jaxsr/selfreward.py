@@ -41,15 +41,17 @@ PromptSource = Callable[[int, str, int, set], list]
 # --- 1. prompts ------------------------------------------------------------------------------------------------
 
 def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir, cfg: JaxsrConfig, iteration: int, *,
-                     held_out: Sequence[str] = (), source: PromptSource | None = None) -> dict:
+                     held_out: Sequence[str] = (), source: PromptSource | None = None, count: int | None = None) -> dict:
     """Self-Instruct: few-shot requests to the generator, filtered by ROUGE-L, length, blocklist and dedup.
 
     One round = `prompts.requests_per_round` requests; each round's accepted prompts are one committed shard,
     so resuming replays the filter state from disk and continues with the next round. A `source` (the
     environment's prompt sampler, `prompts.generator: env`) stands in for the generator model; it never
-    returns one of `held_out` (the evaluation instructions).
+    returns one of `held_out` (the evaluation instructions). `count` (default `prompts.num_prompts`): the prompts
+    wanted; a larger count than a finished directory holds grows it (the pairs target).
     """
     sec = cfg.prompts
+    count = sec.num_prompts if count is None else count
     if not seed_prompts:
         raise ValueError("generate_prompts: no seed prompts (the IFT seed data is empty)")
     writer = artifacts.ShardedWriter(out_dir, shard_size=10**9)
@@ -61,9 +63,11 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
         accepted.append(row["prompt"])
     start_round = (max(r["round"] for r in done) + 1) if done else 0
     seed = stage_seed(cfg.seed, iteration, "prompts")
-    bar = distributed.progress(sec.num_prompts, initial=len(accepted), desc=f"prompts (M{iteration})", unit="prompt")
     rnd = start_round
-    while len(accepted) < sec.num_prompts and rnd < sec.max_rounds:
+    if len(accepted) < count and rnd < sec.max_rounds:
+        writer.reopen()
+    bar = distributed.progress(count, initial=min(count, len(accepted)), desc=f"prompts (M{iteration})", unit="prompt")
+    while len(accepted) < count and rnd < sec.max_rounds:
         if source is not None:
             texts = source(seed, f"{iteration}/{rnd}", sec.requests_per_round, set(held_out))
         else:
@@ -77,7 +81,7 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
             texts = [extract_instruction(out[0].text) or "" for out in outs]
         rows = []
         for text in texts:
-            if filt.check(text) is None and len(accepted) < sec.num_prompts:
+            if filt.check(text) is None and len(accepted) < count:
                 filt.add(text)
                 accepted.append(text)
                 rows.append({"prompt_id": len(accepted) - 1, "prompt": text, "round": rnd})
@@ -95,12 +99,26 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
     return stats
 
 
+def _first_prompts(rows: list[dict], limit: int | None, where) -> list[dict]:
+    """The rows of prompts 0 .. limit-1 (all rows when `limit` is None)."""
+    if limit is None:
+        return rows
+    out = [r for r in rows if r["prompt_id"] < limit]
+    if len({r["prompt_id"] for r in out}) != limit:
+        raise RuntimeError(f"{where}: has rows for {len({r['prompt_id'] for r in out})} of prompts 0..{limit - 1}; "
+                           f"the stage before it has not finished this block")
+    return out
+
+
 # --- 2. candidates ---------------------------------------------------------------------------------------------
 
-def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, iteration: int) -> dict:
-    """N responses per prompt from M_t through the chat template, with token counts and finish reasons."""
+def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
+                        limit: int | None = None) -> dict:
+    """N responses per prompt from M_t through the chat template, with token counts and finish reasons.
+    `limit`: answer the first `limit` prompts only (a block of the pairs target; the prompts may still be growing)."""
     sec = cfg.sample
-    prompts = artifacts.read_dataset(prompts_dir).to_list()
+    prompts = _first_prompts(artifacts.read_dataset(prompts_dir, require_complete=limit is None).to_list(), limit,
+                             prompts_dir)
     seed = stage_seed(cfg.seed, iteration, "candidates")
 
     def respond(chunk, lo):
@@ -114,7 +132,7 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
 
     map_rows(out_dir, prompts, respond, chunk=SHARD_PROMPTS, rows_per_item=sec.num_samples,
              desc=f"candidates (M{iteration})", unit="prompt")
-    rows = artifacts.read_dataset(out_dir)
+    rows = artifacts.read_dataset(out_dir).select(range(len(prompts) * sec.num_samples))
     stats = {"stage": "candidates", "iteration": iteration, "prompts": len(prompts), "candidates": len(rows),
              "mean_tokens": float(np.mean(rows["num_tokens"])) if len(rows) else 0.0,
              "truncated_rate": float(np.mean([r == "length" for r in rows["finish_reason"]])) if len(rows) else 0.0}
@@ -193,11 +211,13 @@ def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSectio
 
 
 def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
-                     template: str | None = None) -> dict:
-    """K sampled judgements per candidate (mean of valid scores), or one `expected` judgement."""
+                     template: str | None = None, limit: int | None = None) -> dict:
+    """K sampled judgements per candidate (mean of valid scores), or one `expected` judgement.
+    `limit`: judge the candidates of the first `limit` prompts only (a block of the pairs target)."""
     sec = cfg.judge
     template = template if template is not None else load_judge_template(sec.template)
-    cands = artifacts.read_dataset(candidates_dir).to_list()
+    cands = _first_prompts(artifacts.read_dataset(candidates_dir, require_complete=limit is None).to_list(), limit,
+                           candidates_dir)
     k = sec.num_judgements if sec.mode == "sampled" else 1
     seed = stage_seed(cfg.seed, iteration, "judgements")
 
@@ -216,7 +236,7 @@ def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, 
 
     map_rows(out_dir, cands, grade, chunk=SHARD_PROMPTS * cfg.sample.num_samples, rows_per_item=k,
              desc=f"judge (M{iteration})", unit="cand")
-    rows = artifacts.read_dataset(out_dir).to_list()
+    rows = artifacts.read_dataset(out_dir).to_list()[: len(cands) * k]
     judged = [r for r in rows if not r["excluded"]]
     scores = [r["score"] for r in judged]
     hist = Counter(str(int(round(s))) for s in scores if s is not None)
@@ -238,11 +258,9 @@ def candidate_scores(judgements: list[dict]) -> dict[tuple[int, int], float | No
     return {key: aggregate_scores(v) for key, v in by_cand.items()}
 
 
-def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: JaxsrConfig, iteration: int,
-                *, reference_fn=None) -> dict:
-    """Best vs worst per prompt (ties and < 2 valid scores discarded), with M_t's reference log-probs."""
-    cands = artifacts.read_dataset(candidates_dir).to_list()
-    scores = candidate_scores(artifacts.read_dataset(judgements_dir).to_list())
+def select_pairs(cands: list[dict], judgements: list[dict], length_control: float) -> tuple[list[dict], dict]:
+    """Best vs worst per prompt, in prompt order, and the counts of prompts without a pair (`ties`, `too_few_valid`)."""
+    scores = candidate_scores(judgements)
     by_prompt: dict[int, list[dict]] = {}
     for c in cands:
         by_prompt.setdefault(c["prompt_id"], []).append(c)
@@ -251,7 +269,7 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
         group = sorted(by_prompt[pid], key=lambda c: c["candidate_id"])
         s = [scores.get((pid, c["candidate_id"])) for c in group]
         valid = [x for x in s if x is not None and not math.isnan(x)]
-        picked = select_pair(s, [c["num_tokens"] for c in group], length_control=cfg.pairs.length_control)
+        picked = select_pair(s, [c["num_tokens"] for c in group], length_control=length_control)
         if picked is None:
             if len(valid) < 2:
                 too_few += 1
@@ -265,6 +283,16 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
         pairs.append({"prompt_id": pid, "prompt": group[ci]["prompt"], "chosen": group[ci]["response"],
                       "rejected": group[ri]["response"], "chosen_score": s[ci], "rejected_score": s[ri],
                       "chosen_tokens": group[ci]["num_tokens"], "rejected_tokens": group[ri]["num_tokens"]})
+    return pairs, {"prompts": len(by_prompt), "ties": ties, "too_few_valid": too_few}
+
+
+def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: JaxsrConfig, iteration: int,
+                *, reference_fn=None, target: int = 0) -> dict:
+    """Best vs worst per prompt (ties and < 2 valid scores discarded), with M_t's reference log-probs; with a
+    `target`, the first `target` usable pairs in prompt order."""
+    pairs, counts = select_pairs(artifacts.read_dataset(candidates_dir).to_list(),
+                                 artifacts.read_dataset(judgements_dir).to_list(), cfg.pairs.length_control)
+    ties, too_few, n_prompts = counts["ties"], counts["too_few_valid"], counts["prompts"]
     if reference_fn is None:
         from .train import reference_logps
 
@@ -283,13 +311,18 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
             p["ref_chosen_logps"], p["ref_rejected_logps"] = float(a), float(b)
             kept.append(p)
         pairs = kept
+    usable = len(pairs)
+    if target:
+        pairs = pairs[:target]
     write_rows(out_dir, pairs)  # all pairs (with their reference log-probs) are committed or none are
-    n_prompts = len(by_prompt)
     stats = {"stage": "pairs", "iteration": iteration, "prompts": n_prompts, "pairs": len(pairs),
              "tie_rate": ties / n_prompts if n_prompts else 0.0, "too_few_valid": too_few, "unusable_for_dpo": unusable,
              "mean_chosen_tokens": float(np.mean([p["chosen_tokens"] for p in pairs])) if pairs else 0.0,
              "mean_rejected_tokens": float(np.mean([p["rejected_tokens"] for p in pairs])) if pairs else 0.0,
              "length_control": cfg.pairs.length_control}
+    if target:
+        stats |= {"target_pairs": target, "usable_pairs": usable, "target_met": len(pairs) >= target,
+                  "shortfall": max(0, target - len(pairs))}
     artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
     return stats
 
@@ -306,7 +339,7 @@ def held_out_instructions(ctx: Context) -> list[str]:
     return out
 
 
-def _prompts(ctx: Context) -> dict:
+def _prompts(ctx: Context, count: int | None = None) -> dict:
     # The paper generates prompts with a fixed model (prompts.generator = its path); "" uses M_t itself, and
     # "env" the environment's own prompt sampler.
     gen = ctx.cfg.prompts.generator
@@ -319,11 +352,75 @@ def _prompts(ctx: Context) -> dict:
     elif gen:
         from .policy import load_policy
 
+        ctx.release_models()  # the fixed generator has the devices to itself
         policy = load_policy(gen, dtype=ctx.cfg.model.dtype, mesh=ctx.mesh)  # only samples: stored as it computes
     else:
         policy = ctx.policy()
     return generate_prompts(policy, ctx.split("seed_prompts")["prompt"], ctx.path("prompts"), ctx.cfg, ctx.t,
-                            held_out=held_out_instructions(ctx), source=source)
+                            held_out=held_out_instructions(ctx), source=source, count=count)
+
+
+def next_block(n: int, pairs: int, target: int, cap: int, min_block: int) -> int:
+    """How many prompts the next block of the pairs target brings the iteration to: enough for the missing pairs
+    at the pair yield so far (+10%), at least `min_block` more, at most `cap`."""
+    per_prompt = max(pairs, 1) / n
+    return min(cap, n + max(min_block, math.ceil((target - pairs) / per_prompt * 1.1)))
+
+
+def pairs_wanted(cfg: JaxsrConfig, t: int) -> int:
+    """Pairs iteration t's pairs stage keeps: the DPO target, plus the pairs whose prompts checkpoint selection
+    holds out; 0 = no target (every pair)."""
+    target = cfg.prompts.target(t)
+    return target + (cfg.dpo.selection_prompts if target and cfg.dpo.eval_every else 0)
+
+
+def grow_to_target(ctx: Context) -> dict:
+    """Extends iteration t's prompts, candidates and judgements block by block until their pairs reach the
+    iteration's target (`prompts.target_pairs`) or the prompts reach the cap (`prompts.max_prompts`).
+
+    Block 0 is what the prompts, candidates and judgements stages made (`prompts.num_prompts` prompts). Each
+    block's size follows from the pairs of the blocks before it, so a run resumed after a kill derives the same
+    blocks again (reading what is on disk) and continues where it stopped: the same rows as an uninterrupted run.
+    """
+    cfg, t = ctx.cfg, ctx.t
+    target, cap = pairs_wanted(cfg, t), cfg.prompts.prompt_cap
+    read = lambda name: artifacts.read_dataset(ctx.path(name), require_complete=False).to_list()  # noqa: E731
+    blocks = [cfg.prompts.num_prompts]
+    while True:
+        n = blocks[-1]
+        have = len(select_pairs([c for c in read("candidates") if c["prompt_id"] < n],
+                                [j for j in read("judgements") if j["prompt_id"] < n], cfg.pairs.length_control)[0])
+        log.info("iteration %d: %d pairs from %d prompts (target %d)", t, have, n, target)
+        if have >= target or n >= cap:
+            break
+        want = next_block(n, have, target, cap, cfg.prompts.requests_per_round)
+        made = _prompts(ctx, count=want)["prompts"]
+        if made <= n:
+            log.warning("iteration %d: the prompt generator gave no new prompt within prompts.max_rounds=%d",
+                        t, cfg.prompts.max_rounds)
+            break
+        generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), cfg, t, limit=made)
+        judge_candidates(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), cfg, t,
+                         template=judge_template(ctx), limit=made)
+        blocks.append(made)
+    if have < target:
+        log.warning("iteration %d: %d pairs, short of the %d wanted (prompts.target_pairs=%s%s) with %d prompts "
+                    "(prompts.max_prompts=%d, cap %d)", t, have, target, cfg.prompts.target_pairs,
+                    " + dpo.selection_prompts" if target != cfg.prompts.target(t) else "", n, cfg.prompts.max_prompts,
+                    cap)
+    return {"prompt_blocks": blocks}
+
+
+def _pairs(ctx: Context) -> dict:
+    target = pairs_wanted(ctx.cfg, ctx.t)
+    if not target:
+        return build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
+                           ctx.t)
+    blocks = grow_to_target(ctx)
+    stats = build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
+                        ctx.t, target=target) | blocks
+    artifacts.write_json_atomic(ctx.path("pairs") / "stats.json", stats)
+    return stats
 
 
 def judge_template(ctx: Context) -> str:
@@ -342,7 +439,6 @@ JUDGEMENTS = Stage(
     reads=("M_t", "candidates"), writes=("judgements",), section="judge", command="judge",
     help="M_t judges the candidates (LLM-as-a-Judge)")
 PAIRS = Stage(
-    "pairs", lambda ctx: build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"),
-                                     ctx.cfg, ctx.t),
-    reads=("M_t", "candidates", "judgements"), writes=("pairs",), section="pairs", command="pairs",
-    help="best-vs-worst pairs with M_t's reference log-probs")
+    "pairs", _pairs, reads=("M_t", "candidates", "judgements"), writes=("pairs",), section="pairs", command="pairs",
+    grows=("prompts", "candidates", "judgements"),
+    help="best-vs-worst pairs with M_t's reference log-probs (to prompts.target_pairs when set)")

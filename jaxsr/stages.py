@@ -36,6 +36,8 @@ class Stage:
       per_model: the manifest key is `<name>/M{t+1}` (a stage about the model an iteration made) instead
         of `iteration{t}/<name>`; bootstrap and final stages use their bare name.
       when: `when(cfg) -> bool`; a stage whose `when` is false is left out of the run (no manifest entry).
+      grows: artifacts of earlier stages this one may extend (the pairs stage with a pairs target extends the
+        prompts, candidates and judgements); the manifest hashes them again with its outputs.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Stage:
     help: str = ""
     per_model: bool = False
     when: Callable[[Any], bool] | None = None
+    grows: tuple[str, ...] = ()
 
     def enabled(self, cfg) -> bool:
         return self.when is None or bool(self.when(cfg))
@@ -147,6 +150,10 @@ class Context:
             self._models[t] = load_chat_policy(self.paths.model(t), self.cfg.model, self.mesh)
         return self._models[t]
 
+    def release_models(self) -> None:
+        """Drops the loaded model, so that another one (a fixed generator or judge) has the devices to itself."""
+        self._models.clear()
+
     def split(self, name: str):
         """A seed split of run_dir/data as a datasets.Dataset, or None when the environment has none."""
         p = self.paths.data(name)
@@ -163,11 +170,13 @@ def map_rows(out_dir, items: Sequence, fn: Callable[[Sequence, int], list[dict]]
     """
     writer = artifacts.ShardedWriter(out_dir, shard_size=chunk * rows_per_item, features=features)
     start = writer.done_rows() // rows_per_item
-    bar = distributed.progress(len(items), initial=start, desc=desc, unit=unit)
-    for lo in range(0, len(items), chunk):
+    if start < len(items):
+        writer.reopen()  # `items` grew since the dataset was finalized (the pairs target): append the rest
+    bar = distributed.progress(len(items), initial=min(start, len(items)), desc=desc, unit=unit)
+    # Chunks start where the committed rows end: every committed shard is a whole chunk, except the last one
+    # before `items` grew, so a grown dataset continues without redoing (or duplicating) its last rows.
+    for lo in range(start, len(items), chunk):
         hi = min(len(items), lo + chunk)
-        if hi <= start:
-            continue
         rows = fn(items[lo:hi], lo)
         if len(rows) != (hi - lo) * rows_per_item:
             raise RuntimeError(f"{out_dir}: items {lo}..{hi - 1} gave {len(rows)} rows, expected "

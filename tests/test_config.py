@@ -141,7 +141,8 @@ def test_paper_config_is_the_paper():
     assert (cfg.model.path, cfg.model.chat_template) == ("meta-llama/Llama-2-70b-hf", "llama2")
     assert cfg.data.source == "oasst" and cfg.data.options == {"path": "OpenAssistant/oasst1", "num_ift": 3200}
     assert cfg.data.build_eft and cfg.eft.rebalance  # EFT built by the SFT baseline, as in §3.1.2
-    assert cfg.prompts.generator == "meta-llama/Llama-2-70b-chat-hf" and cfg.prompts.num_prompts >= 6942
+    assert cfg.prompts.generator == "meta-llama/Llama-2-70b-chat-hf"
+    assert (cfg.prompts.target(1), cfg.prompts.target(2)) == (3964, 6942)  # the pairs DPO trains on (paper §3.2)
     assert (cfg.prompts.num_seed_shots, cfg.prompts.num_generated_shots, cfg.prompts.temperature) == (6, 2, 0.6)
     assert (cfg.sample.num_samples, cfg.sample.temperature, cfg.sample.top_p) == (4, 0.7, 0.9)
     assert (cfg.judge.template, cfg.judge.mode, cfg.judge.num_judgements) == ("paper", "sampled", 3)
@@ -154,3 +155,24 @@ def test_paper_config_is_the_paper():
 def test_every_shipped_config_passes_the_run_checks():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config(path).check_run()
+
+
+TINY = CONFIG_DIR / "tiny.yaml"
+
+
+def test_run_checks_fixed_generator_and_selection_judge_directories(tmp_path, fixtures_dir):
+    missing = tmp_path / "no-model"
+    with pytest.raises(ConfigValueError, match=rf"prompts.generator='{missing}': no such model directory"):
+        load_config(TINY, [f"prompts.generator={missing}"]).check_run()
+    with pytest.raises(ConfigValueError, match=r"prompts.generator='\./llama': no such model directory"):
+        load_config(TINY, ["prompts.generator=./llama"]).check_run()
+    with pytest.raises(ConfigValueError, match=rf"prompts.generator='{tmp_path}': not a model directory"):
+        load_config(TINY, [f"prompts.generator={tmp_path}"]).check_run()
+    no_tok = tmp_path / "weights_only"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((fixtures_dir / "hf" / "llama2" / "config.json").read_text())
+    with pytest.raises(ConfigValueError, match=rf"dpo.selection_judge='{no_tok}': the model has no tokenizer"):
+        load_config(TINY, [f"dpo.selection_judge={no_tok}", "dpo.eval_every=5"]).check_run()
+    # A model directory with a tokenizer, and a hub name (resolved when it loads), pass.
+    load_config(TINY, [f"prompts.generator={fixtures_dir / 'hf' / 'llama2'}"]).check_run()
+    load_config(TINY, ["prompts.generator=meta-llama/Llama-2-70b-chat-hf"]).check_run()

@@ -209,3 +209,27 @@ def test_the_h2h_stage_runs_only_with_loop_head_to_head(tmp_path):
     off, on = names(_cfg(tmp_path)), names(_cfg(tmp_path, "loop.head_to_head=true"))
     assert [k for k in on if k not in off] == ["h2h/M2", "h2h/M3"]
     assert not any(k.startswith("h2h") for k in off)
+
+
+def test_head_to_head_prompts_come_from_eval_else_rm_eval_else_an_error(tmp_path):
+    """`jaxsr eval --head-to-head` and the h2h stage share their default prompts: the eval split's instructions,
+    else the rm_eval prompts (oasst), else an error that says how to give prompts."""
+    from jaxsr import artifacts
+    from jaxsr.config import ConfigValueError, load_config
+    from jaxsr.pipeline import h2h_instructions
+    from jaxsr.stages import Context, RunPaths
+
+    ctx = Context(cfg=None, paths=RunPaths(tmp_path), mesh=None, env=type("E", (), {"name": "files"})())
+    with pytest.raises(FileNotFoundError, match=r"neither an eval nor an rm_eval split.*--prompts FILE"):
+        h2h_instructions(ctx)
+    w = artifacts.ShardedWriter(ctx.paths.data("rm_eval"), shard_size=10)
+    w.extend([{"prompt": "Why?", "responses": ["a", "b"]}, {"prompt": "Why?", "responses": ["c", "d"]},
+              {"prompt": "How?", "responses": ["e", "f"]}])
+    w.finalize()
+    assert h2h_instructions(ctx) == ["Why?", "How?"]  # one per prompt, in order
+    w = artifacts.ShardedWriter(ctx.paths.data("eval"), shard_size=10)
+    w.extend([{"instruction": "Name a fruit."}])
+    w.finalize()
+    assert h2h_instructions(ctx) == ["Name a fruit."]
+    with pytest.raises(ConfigValueError, match=r"loop.head_to_head=true with data.source='files'.*--prompts FILE"):
+        load_config(None, ["data.source=files", "judge.template=paper", "model.path=x/y", "loop.head_to_head=true"]).check_run()

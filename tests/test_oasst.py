@@ -16,7 +16,7 @@ from jaxsr.oasst import build_oasst_seeds
 STATS = {"rows": 38, "deleted": 2, "failed_review": 1, "first_turn_prompts": 9, "other_lang": 2, "prompts": 7,
          "unranked_replies": 3, "ift_candidates": 5, "ift_held_out": 1, "no_rank0_reply": 2,
          "eft_too_few_ranked": 2, "ift": 4, "eft_train": 4, "rm_eval": 1, "eft_train_responses": 11,
-         "rm_eval_responses": 2}
+         "rm_eval_responses": 2, "orphan_replies": 0}
 
 
 @pytest.fixture(params=["messages.parquet", "messages.jsonl"])
@@ -119,3 +119,23 @@ def test_bad_schema_names_file_and_columns(tmp_path, fixtures_dir):
     assert "columns present: message_id, parent_id, user_id" in msg
     with pytest.raises(DataError, match="in-memory dataset: .*missing column"):
         build_oasst_seeds(datasets.Dataset.from_dict({"prompt": ["x"]}))
+
+
+def test_broken_trees_are_counted_and_a_table_without_ranks_is_an_error(tmp_path, fixtures_dir):
+    import pyarrow as pa
+
+    table = pq.read_table(fixtures_dir / "oasst" / "messages.parquet")
+    # t1's prompt cut out of the export: its 3 replies have no parent in the table.
+    roots = [i for i, (t, p) in enumerate(zip(table["text"].to_pylist(), table["parent_id"].to_pylist()))
+             if p is None and t.split()[1] == "t1"]
+    assert len(roots) == 1
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(table.filter(pa.array([i != roots[0] for i in range(len(table))])), broken)
+    stats = build_oasst_seeds(broken, cache_dir=str(tmp_path / "c1"))["stats"]
+    assert stats["orphan_replies"] == 3 and stats["prompts"] == STATS["prompts"] - 1
+    # Every rank null (an export without ranking): no reply is the best, so nothing can seed SFT.
+    unranked = tmp_path / "unranked.parquet"
+    rank = table.schema.get_field_index("rank")
+    pq.write_table(table.set_column(rank, "rank", pa.nulls(len(table), table.schema.field(rank).type)), unranked)
+    with pytest.raises(DataError, match=rf"{unranked}: no IFT example: no first-turn prompt has a reply of rank 0"):
+        build_oasst_seeds(unranked, cache_dir=str(tmp_path / "c2"))

@@ -221,3 +221,41 @@ def test_cli_exit_codes():
     assert small.returncode == plan.EXIT_DOES_NOT_FIT and "verdict: DOES NOT FIT" in small.stdout
     bad = subprocess.run(cmd + ["--devices", "12"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "does not fit 12 devices" in bad.stderr
+
+
+def test_fixed_generator_and_selection_judge_are_counted(tmp_path):
+    """A fixed prompt generator is planned alone (M_t is released before it loads); checkpoint selection with a
+    fixed judge adds the judge's compute-dtype weights and the checkpoint's copy to the training state."""
+    gen_dir = tmp_path / "gen"
+    gen_dir.mkdir()
+    (gen_dir / "config.json").write_text(json.dumps(to_hf_dict(TINY)))
+    base = tiny_run("model.dtype=bfloat16")
+    with_both = tiny_run("model.dtype=bfloat16", f"prompts.generator={gen_dir}", f"dpo.selection_judge={gen_dir}",
+                         "dpo.eval_every=10")
+    p0 = plan.plan_memory(TINY, base, devices=8, accelerator="tpu-v5e")
+    p = plan.plan_memory(TINY, with_both, devices=8, accelerator="tpu-v5e")
+    elems, bt, b = 11392, p["bytes"], 2  # bfloat16 compute
+    assert "prompts" not in p0["peaks"] and "selection" not in p0["peaks"]
+    assert bt["generator_params"] == elems * b == bt["selection_judge_params"] == bt["selection_checkpoint"]
+    assert bt["generator_gathered_weights"] == b * (2 * 37120 + 100 * 64) // 2
+    assert bt["generator_kv_cache"] == bt["kv_cache"]  # the same architecture, rows and slots
+    assert p["peaks"]["prompts"] == (bt["generator_params"] + bt["generator_gathered_weights"] + bt["generator_kv_cache"]
+                                     + bt["generator_logits"])
+    train = bt["params"] + bt["compute_params"] + bt["gathered_weights"] + bt["optimizer"] + bt["gradients"]
+    assert p["peaks"]["selection"] == (train + elems * b + elems * b + bt["generator_gathered_weights"]
+                                       + bt["kv_cache"] + bt["sample_logits"])
+    # M_t as the selection judge: no second model, only the checkpoint under test.
+    own = plan.plan_memory(TINY, tiny_run("model.dtype=bfloat16", "dpo.eval_every=10"), devices=8, accelerator="tpu-v5e")
+    assert own["bytes"]["selection_judge_params"] == 0
+    assert own["peaks"]["selection"] == train + elems * b + bt["kv_cache"] + bt["sample_logits"]
+    assert "prompt generator" in plan.format_plan(p, "test") and "selection: judge" in plan.format_plan(p, "test")
+    with pytest.raises(ValueError, match="prompts.generator='nobody/unknown-model' is neither"):
+        plan.plan_memory(TINY, tiny_run("prompts.generator=nobody/unknown-model"), devices=8, accelerator="tpu-v5e")
+
+
+def test_paper_config_plans_its_fixed_generator():
+    p = plan.plan_memory(*[plan.resolve_model(load_config(PAPER))[0]], load_config(PAPER), devices=64,
+                         accelerator="tpu-v5p")
+    # Llama-2-70b-chat-hf has Llama-2-70b-hf's architecture: the same bytes per device, in bfloat16.
+    assert p["bytes"]["generator_params"] == p["bytes"]["compute_params"] > 0
+    assert {"prompts", "selection"} <= set(p["peaks"]) and p["fits"]

@@ -50,8 +50,10 @@ def _overrides(tmp_path, run_dir):
         "model.dtype=float32", "model.remat=none", "mesh.data=null", "mesh.fsdp=null", "mesh.tensor=null",
         f"data.options.path={FIXTURES / 'oasst' / 'messages.parquet'}",
         "loop.iterations=2", "loop.head_to_head=true", "loop.eval_max_new_tokens=4",
-        "prompts.num_prompts=6", "prompts.num_seed_shots=2", "prompts.num_generated_shots=1",
-        "prompts.max_new_tokens=16", "prompts.requests_per_round=8", "prompts.max_rounds=4", "prompts.min_words=1",
+        # A pairs target: 4 prompts in the first block, more until 5 training pairs + 2 held out for selection.
+        "prompts.num_prompts=4", "prompts.target_pairs=[5]", "prompts.max_prompts=12",
+        "prompts.num_seed_shots=2", "prompts.num_generated_shots=1",
+        "prompts.max_new_tokens=16", "prompts.requests_per_round=8", "prompts.max_rounds=8", "prompts.min_words=1",
         "sample.num_samples=2", "sample.max_new_tokens=8",
         f"judge.template={template}", f"judge.pairwise_template={pairwise}",
         "judge.mode=expected", "judge.max_new_tokens=4",
@@ -65,13 +67,24 @@ def _config(tmp_path, run_dir):
     return load_config(CONFIG, _overrides(tmp_path, run_dir))
 
 
-def _killed_during_eft_judging(tmp_path, run_dir):
-    """`jaxsr run` in a subprocess, SIGKILLed as soon as the SFT baseline is done; whether EFT judging had not
-    finished then."""
+def _killed_when(tmp_path, run_dir, condition):
+    """`jaxsr run` in a subprocess, SIGKILLed as soon as `condition(run_dir)` holds; whether it was."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")  # as conftest
     cmd = [sys.executable, "-m", "jaxsr.cli", "run", "--config", str(CONFIG), *_overrides(tmp_path, run_dir)]
-    started = lambda d: (d / "manifest.json").is_file() and "sft_baseline" in _manifest(d)["stages"]  # noqa: E731
-    return _kill_when(run_dir, started, cmd=cmd, env=env) and "eft_judge" not in _manifest(run_dir)["stages"]
+    return _kill_when(run_dir, condition, cmd=cmd, env=env)
+
+
+def _stages(run_dir):
+    return _manifest(run_dir)["stages"] if (run_dir / "manifest.json").is_file() else {}
+
+
+def _during_eft_judging(run_dir):
+    return "sft_baseline" in _stages(run_dir)
+
+
+def _during_selection(run_dir):
+    """DPO has evaluated its first checkpoint (jaxsr.selection's log) and not finished."""
+    return (run_dir / "train" / "dpo1" / "selection.json").is_file() and "iteration1/dpo" not in _stages(run_dir)
 
 
 def _manifest(run_dir):
@@ -110,18 +123,24 @@ def test_paper_config_runs_every_stage_resumes_and_reruns(tmp_path, capsys):
     assert eft["eft"] == sum(eft["scores_after_rebalance"].values()) == len(artifacts.read_dataset(full / "data" / "eft"))
 
     it = {k.split("/")[1]: v for k, v in res.items() if k.startswith("iteration1/")}
+    # The first block (prompts.num_prompts) is what the prompts stage made; the pairs stage grew the prompts,
+    # candidates and judgements to the target and the manifest hashed them again.
+    assert it["prompts"]["prompts"] == cfg.prompts.num_prompts
+    blocks = it["pairs"]["prompt_blocks"]
+    assert blocks[0] == cfg.prompts.num_prompts and len(blocks) >= 2
     n_prompts = len(artifacts.read_dataset(full / "iteration1" / "prompts"))
-    assert it["prompts"]["prompts"] == n_prompts == cfg.prompts.num_prompts
-    assert it["candidates"]["candidates"] == n_prompts * cfg.sample.num_samples
-    assert len(artifacts.read_dataset(full / "iteration1" / "candidates")) == it["candidates"]["candidates"]
-    assert it["judgements"]["judgements"] == it["candidates"]["candidates"]  # expected mode: one per candidate
-    assert sum(it["judgements"]["score_histogram"].values()) == it["judgements"]["judgements"]
+    assert n_prompts == blocks[-1] == it["pairs"]["prompts"]
+    n_cands = len(artifacts.read_dataset(full / "iteration1" / "candidates"))
+    assert n_cands == n_prompts * cfg.sample.num_samples
+    assert len(artifacts.read_dataset(full / "iteration1" / "judgements")) == n_cands  # expected mode: one each
+    for name in ("prompts", "candidates", "judgements"):
+        assert stages["iteration1/pairs"]["outputs"][name] == loop.path_hash(full / "iteration1" / name)
     n_pairs = len(artifacts.read_dataset(full / "iteration1" / "pairs"))
-    assert it["pairs"]["pairs"] == n_pairs <= n_prompts
-    assert round(it["pairs"]["tie_rate"] * n_prompts) + it["pairs"]["too_few_valid"] + n_pairs == n_prompts
+    assert it["pairs"]["target_met"] and n_pairs == it["pairs"]["pairs"] == 5 + cfg.dpo.selection_prompts
+    assert it["pairs"]["usable_pairs"] >= n_pairs
     sel = it["dpo"]["selection"]
     assert sel["prompts"] == cfg.dpo.selection_prompts
-    assert sel["train_pairs"] == n_pairs - cfg.dpo.selection_prompts  # one pair per prompt, held-out prompts' gone
+    assert sel["train_pairs"] == 5  # the target; the held-out prompts' pairs are gone
     assert [e["step"] for e in sel["log"]] == [1, 2]  # dpo.eval_every=1, max_steps=2 (no loss: no early stop)
     h2h = res["h2h/M2"]
     assert set(h2h) == {"vs_M1", "vs_baseline"}
@@ -135,15 +154,21 @@ def test_paper_config_runs_every_stage_resumes_and_reruns(tmp_path, capsys):
     assert loop.run(cfg) == rows
     assert "already complete" in capsys.readouterr().out
 
-    # Resume: a run stopped after EFT judging, and one SIGKILLed during it, rerun, end as the uninterrupted one.
+    # Resume: a run stopped after EFT judging, and one SIGKILLed during EFT judging, rerun and SIGKILLed again
+    # during checkpoint selection, rerun, end as the uninterrupted one.
     part, killed = tmp_path / "part", tmp_path / "killed"
     with pytest.raises(SystemExit, match="eft_judge"):
         loop.run(_config(tmp_path, part), stop_after="eft_judge")
     loop.run(_config(tmp_path, part))
-    assert _killed_during_eft_judging(tmp_path, killed)
-    loop.run(_config(tmp_path, killed))  # takes over the dead run's lock
+    assert _killed_when(tmp_path, killed, _during_eft_judging)
+    assert "eft_judge" not in _stages(killed)
+    assert _killed_when(tmp_path, killed, _during_selection)  # takes over the dead run's lock
+    assert "iteration1/dpo" not in _stages(killed)
+    loop.run(_config(tmp_path, killed))
     for run in (part, killed):
         assert _rows(run / "data" / "eft") == _rows(full / "data" / "eft")
-        assert _rows(run / "iteration1" / "pairs") == _rows(full / "iteration1" / "pairs")
+        for name in ("prompts", "candidates", "judgements", "pairs"):
+            assert _rows(run / "iteration1" / name) == _rows(full / "iteration1" / name)
+        assert _manifest(run)["stages"]["iteration1/dpo"]["result"] == stages["iteration1/dpo"]["result"]
         for model in ("baseline", "M1", "M2"):
             jax.tree.map(np.testing.assert_array_equal, _params(run / "models" / model), _params(full / "models" / model))

@@ -145,3 +145,133 @@ def test_pairs_ties_and_invalid_are_discarded(policy, cfg, tmp_path):
     pairs = artifacts.read_dataset(tmp_path / "pairs").to_list()
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs] == [(2, "answer 2-0", "answer 2-1")]
     assert stats["pairs"] == 1 and stats["too_few_valid"] == 1 and math.isclose(stats["tie_rate"], 1 / 3)
+
+
+class _Env:
+    """A prompt source standing in for a fixed generator: `fresh` new prompts per round, then only repeats."""
+
+    name = "scripted"
+
+    def __init__(self, fresh_rounds: int = 100):
+        self.fresh_rounds = fresh_rounds
+
+    def has_prompt_source(self):
+        return True
+
+    WORDS = ("river apple stone cloud violin garden lantern copper meadow falcon harbor pepper marble canyon "
+             "orchid thunder velvet glacier saddle compass ember willow quartz tunnel").split()
+
+    def new_prompts(self, seed, stream, n, held_out):
+        rnd = int(stream.split("/")[1])
+        rnd = rnd if rnd < self.fresh_rounds else 0  # after `fresh_rounds`, only prompts seen before: rejected
+        w = self.WORDS
+        # Prompt i names 3 words no other prompt shares in that order: ROUGE-L keeps them apart.
+        return [f"Compare {w[i % 24]} with {w[(5 * i + 1) % 24]} and {w[(7 * i + 3) % 24]}."
+                for i in range(rnd * n, rnd * n + n)]
+
+
+def _target_ctx(policy, cfg, root, env):
+    from jaxsr.stages import Context, RunPaths
+
+    ctx = Context(cfg=cfg, paths=RunPaths(root), mesh=None, env=env, t=1)
+    ctx._models[1] = policy  # M1 = the fixture model (no checkpoint on disk)
+    w = artifacts.ShardedWriter(RunPaths(root).data("seed_prompts"), shard_size=100)
+    w.extend({"prompt": p} for p in SEEDS)
+    w.finalize()
+    return ctx
+
+
+def _run_iteration_data(ctx):
+    """The prompts, candidates, judgements and pairs stages of iteration 1, as the loop runs them."""
+    from jaxsr.pipeline import GRAPH
+
+    for stage in GRAPH.iteration[:4]:
+        assert stage.name in ("prompts", "candidates", "judgements", "pairs")
+        stage.run(ctx.at(stage, 1))
+    return json.loads((ctx.path("pairs") / "stats.json").read_text())
+
+
+@pytest.fixture
+def target_cfg(cfg):
+    cfg.prompts.generator = "env"
+    cfg.prompts.target_pairs = [8]
+    return cfg
+
+
+def test_pairs_target_grows_blocks_until_met_and_a_kill_resumes_to_the_same_rows(policy, target_cfg, tmp_path,
+                                                                                   monkeypatch):
+    stats = _run_iteration_data(_target_ctx(policy, target_cfg, tmp_path / "a", _Env()))
+    root = tmp_path / "a" / "iteration1"
+    # Block 0: prompts.num_prompts = 5; each further block is sized from the yield so far, at least one round (4).
+    assert stats["prompt_blocks"][0] == 5 and len(stats["prompt_blocks"]) >= 2
+    n = stats["prompt_blocks"][-1]
+    assert len(artifacts.read_dataset(root / "prompts")) == n
+    assert [r["prompt_id"] for r in artifacts.read_dataset(root / "candidates")] == [i for i in range(n) for _ in range(3)]
+    assert len(artifacts.read_dataset(root / "judgements")) == 3 * n  # expected mode: one per candidate
+    pairs = artifacts.read_dataset(root / "pairs").to_list()
+    assert len(pairs) == 8 == stats["pairs"] and stats["target_met"] and stats["shortfall"] == 0
+    assert stats["usable_pairs"] >= 8 and [p["prompt_id"] for p in pairs] == sorted(p["prompt_id"] for p in pairs)
+    all_pairs, counts = selfreward.select_pairs(artifacts.read_dataset(root / "candidates").to_list(),
+                                                artifacts.read_dataset(root / "judgements").to_list(), 0.0)
+    assert [p["prompt_id"] for p in pairs] == [p["prompt_id"] for p in all_pairs[:8]]  # the first 8 in prompt order
+    assert json.loads((root / "candidates" / "stats.json").read_text())["candidates"] == 3 * n
+
+    # Killed while judging the second block: the judgements directory is reopened and incomplete.
+    calls = {"n": 0}
+    real = selfreward.generate
+
+    def crashing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # block 0: candidates, judgements; block 1: candidates, then this
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(selfreward, "generate", crashing)
+    ctx_b = _target_ctx(policy, target_cfg, tmp_path / "b", _Env())
+    with pytest.raises(KeyboardInterrupt):
+        _run_iteration_data(ctx_b)
+    assert not artifacts.is_complete(tmp_path / "b" / "iteration1" / "judgements")
+    monkeypatch.setattr(selfreward, "generate", real)
+    from jaxsr.pipeline import GRAPH
+
+    pairs_stage = GRAPH.iteration[3]
+    pairs_stage.run(ctx_b.at(pairs_stage, 1))  # the loop reruns only the unfinished stage
+    for name in ("prompts", "candidates", "judgements", "pairs"):
+        a = artifacts.read_dataset(root / name)
+        b = artifacts.read_dataset(tmp_path / "b" / "iteration1" / name)
+        assert artifacts.content_hash(a) == artifacts.content_hash(b), name
+
+
+def test_pairs_target_short_when_the_generator_runs_dry(policy, target_cfg, tmp_path, caplog):
+    target_cfg.prompts.target_pairs = [40]
+    stats = _run_iteration_data(_target_ctx(policy, target_cfg, tmp_path, _Env(fresh_rounds=3)))
+    # Rounds of 4 prompts: rounds 0 and 1 give block 0's 5 (the rest of round 1 is cut), round 2 gives 4 more, then
+    # only repeats until prompts.max_rounds.
+    assert stats["prompts"] == 9 and stats["prompt_blocks"] == [5, 9]
+    assert not stats["target_met"] and stats["shortfall"] == 40 - stats["pairs"] > 0
+    assert "short of the 40 wanted (prompts.target_pairs=[40])" in caplog.text and "no new prompt" in caplog.text
+
+
+def test_pairs_target_config_errors():
+    from jaxsr.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"target_pairs\[0\]=100 cannot be met.*prompts.max_prompts=50"):
+        load_config(None, ["prompts.num_prompts=10", "prompts.target_pairs=[100]", "prompts.max_prompts=50"])
+    with pytest.raises(ConfigValueError, match=r"10 x prompts.num_prompts"):
+        load_config(None, ["prompts.num_prompts=10", "prompts.target_pairs=[101]"])
+    cfg = load_config(None, ["loop.iterations=3", "prompts.target_pairs=[3964,6942]"])
+    assert (cfg.prompts.target(1), cfg.prompts.target(2)) == (3964, 6942)
+    with pytest.raises(ConfigValueError, match="3 values but loop.iterations=3 makes 2"):
+        load_config(None, ["loop.iterations=3", "prompts.target_pairs=[1,2,3]"]).check_run()
+    assert load_config(None, ["prompts.target_pairs=[7]"]).prompts.target(2) == 7
+    # Checkpoint selection holds out dpo.selection_prompts pairs' prompts: the pairs stage keeps that many more.
+    sel = load_config(None, ["prompts.target_pairs=[7]", "dpo.eval_every=2", "dpo.selection_prompts=3"])
+    assert selfreward.pairs_wanted(sel, 1) == 10 and selfreward.pairs_wanted(load_config(None, []), 1) == 0
+    with pytest.raises(ConfigValueError, match=r"\+ dpo.selection_prompts=253 .* capped at 1000"):
+        load_config(None, ["prompts.num_prompts=100", "prompts.target_pairs=[900]", "dpo.eval_every=200"]).check_run()
+
+
+def test_next_block_sizes_from_the_yield():
+    assert selfreward.next_block(100, 50, 80, 10_000, 8) == 100 + 66   # 30 missing at 0.5 per prompt, +10%
+    assert selfreward.next_block(100, 99, 100, 10_000, 8) == 108       # at least one round
+    assert selfreward.next_block(100, 0, 80, 500, 8) == 500            # no pair yet: at most the cap

@@ -74,16 +74,12 @@ def _prompts_file(path) -> list[str]:
 def _head_to_head(ctx, args) -> int:
     from .. import distributed
     from ..headtohead import evaluate_pair, resolve_model, summary
+    from ..pipeline import h2h_instructions
 
     a, b = (resolve_model(ctx, m) for m in args.head_to_head)
     judge = resolve_model(ctx, args.judge) if args.judge else None
-    if args.prompts:
-        instructions = _prompts_file(args.prompts)
-    else:
-        split = ctx.split("eval")
-        if split is None:
-            raise FileNotFoundError(f"{ctx.paths.data('eval')}: no eval split in this run; pass --prompts FILE")
-        instructions = [r["instruction"] for r in split.to_list()]
+    # Default prompts: the run's eval instructions, else its rm_eval prompts (oasst), as the run's h2h stage uses.
+    instructions = _prompts_file(args.prompts) if args.prompts else h2h_instructions(ctx)
     res = evaluate_pair(ctx, a, b, instructions, judge=judge)
     if distributed.is_primary():
         print(summary(res))
@@ -115,6 +111,6 @@ def add_parsers(sub, add_config_args) -> None:
                         "run_dir/models, or a model directory; writes eval/h2h_<A>_vs_<B>.json and "
                         "eval/alpaca_eval/<model>.json")
     p.add_argument("--prompts", metavar="FILE", help="with --head-to-head: JSONL with 'instruction' or 'prompt' "
-                                                     "(default: the run's eval split)")
+                                                     "(default: the run's eval split, else its rm_eval prompts)")
     p.add_argument("--judge", metavar="MODEL", help="with --head-to-head: the judge (default: A), named as A and B")
     p.set_defaults(fn=cmd_eval)

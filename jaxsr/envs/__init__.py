@@ -43,6 +43,8 @@ class Environment:
     only_from_scratch: ClassVar[str] = ""
     # Its EFT rows are rendered with its own judge template, so the loop must judge with it (judge.template=env).
     eft_in_own_judge_template: ClassVar[bool] = False
+    # Its seed data has held-out prompts (eval or rm_eval) that head-to-head evaluation can compare models on.
+    has_eval_prompts: ClassVar[bool] = True
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

@@ -13,6 +13,7 @@ class Files(Environment):
     """IFT (and EFT) records and seed prompts read from files; no grader, no evaluation sets."""
 
     name = "files"
+    has_eval_prompts = False
 
     @dataclasses.dataclass
     class Options:
