@@ -50,19 +50,28 @@ def make_model(name: str, out_dir: str):
     return model
 
 
-def make_pairs(vocab: int):
+def make_pairs(vocab: int, n: int = PAIRS, prompt: int = PROMPT, response: int = RESPONSE):
+    """`n` random pairs of `prompt`-token prompts and `response`-token responses, with reference log-probs.
+
+    The step builders below take their shapes from these pairs (scripts/bench_gpu.py passes its own)."""
     import numpy as np
 
     from jaxsr import data
 
     rng = np.random.default_rng(0)
-    ids = lambda n: rng.integers(3, vocab, n).astype(np.int32)  # noqa: E731
-    pairs = [data.Pair(ids(PROMPT), ids(RESPONSE), ids(RESPONSE), i, (float(-RESPONSE * 7.0), float(-RESPONSE * 7.5)))
-             for i in range(PAIRS)]
+    ids = lambda k: rng.integers(3, vocab, k).astype(np.int32)  # noqa: E731
+    pairs = [data.Pair(ids(prompt), ids(response), ids(response), i, (float(-response * 7.0), float(-response * 7.5)))
+             for i in range(n)]
     return pairs
 
 
-def alternating(steps: dict, n: int, warmup: int, rounds: int = 8) -> tuple[dict[str, float], list[dict[str, float]]]:
+def pair_shape(pairs) -> tuple[int, int, int]:
+    """(pairs, prompt tokens, response tokens) of `make_pairs`' output."""
+    return len(pairs), len(pairs[0].prompt), len(pairs[0].chosen)
+
+
+def alternating(steps: dict, n: int, warmup: int, rounds: int = 8,
+                pause: float = 0.5) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Median seconds per call of each step, over all calls and per round, measured in alternating blocks.
 
     Each round runs a block of every step in turn, so both see the same machine load; the speedup is then
@@ -79,7 +88,7 @@ def alternating(steps: dict, n: int, warmup: int, rounds: int = 8) -> tuple[dict
     for r in range(rounds):
         this = {}
         for k, f in steps.items():
-            time.sleep(0.5)
+            time.sleep(pause)
             block = []
             for _ in range(-(-n // rounds)):
                 t = time.perf_counter()
@@ -101,10 +110,11 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
     from jaxsr.model.sharding import batch_sharding
     from jaxsr.objectives import dpo_objective
 
+    n, prompt, response = pair_shape(pairs)
     mesh = jaxsr.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     policy = jaxsr.load_policy(model_dir, mesh=mesh)
-    section = DpoSection(lr=LR, final_lr=LR, schedule="constant", batch_size=PAIRS, dropout=0.0, beta=BETA,
-                         loss_type="sigmoid", max_length=PROMPT + RESPONSE, clip_norm=1.0)
+    section = DpoSection(lr=LR, final_lr=LR, schedule="constant", batch_size=n, dropout=0.0, beta=BETA,
+                         loss_type="sigmoid", max_length=prompt + response, clip_norm=1.0)
     tx, schedule = train.make_optimizer(section, 1000)
     # Mixed precision as the trainer runs it with sft/dpo.compute_dtype=bfloat16: float32 parameters and
     # optimizer state, the forward and backward in `dtype`.
@@ -112,9 +122,9 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
                                                 dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     state = jax.jit(lambda p: train.init_state(jax.tree.map(jnp.copy, p), tx), out_shardings=shardings)(policy.params)
     # The trainer's batches (dpo.shared_prompt, the default): one row per pair, prompt + chosen + rejected.
-    host = data.pair_batch(pairs, [[i] for i in range(PAIRS)], batch_size=PAIRS, max_length=PROMPT + RESPONSE,
+    host = data.pair_batch(pairs, [[i] for i in range(n)], batch_size=n, max_length=prompt + response,
                            shared_prompt=section.shared_prompt)
-    assert host["ids"].shape == (1, PAIRS, PROMPT + 2 * RESPONSE), host["ids"].shape
+    assert host["ids"].shape == (1, n, prompt + 2 * response), host["ids"].shape
     rng = jax.random.key(0)
     holder = {"state": state}
 
@@ -127,35 +137,42 @@ def jaxsr_step(model_dir: str, pairs, dtype: str):
     return step
 
 
-def torch_step(model, pairs, dtype: str):
+def torch_step(model, pairs, dtype: str, device: str = "cpu"):
+    """The step on `model` (already on `device`); on a GPU it waits for the step to finish, as the jaxsr step
+    waits for its loss."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
+    n, prompt, _ = pair_shape(pairs)
+    device_type = torch.device(device).type
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    # On a GPU the fused AdamW kernel, transformers' Trainer default there ("adamw_torch_fused").
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True if device_type == "cuda" else None)
     chosen = np.stack([np.concatenate([p.prompt, p.chosen]) for p in pairs])
     rejected = np.stack([np.concatenate([p.prompt, p.rejected]) for p in pairs])
-    ids = torch.from_numpy(np.concatenate([chosen, rejected])).long()  # [2B, T]: chosen rows, then rejected
+    ids = torch.from_numpy(np.concatenate([chosen, rejected])).long().to(device)  # [2B, T]: chosen rows, then rejected
     mask = torch.ones_like(ids)
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
-    loss_mask[:, PROMPT:] = True
-    ref = torch.tensor([p.ref_logps for p in pairs], dtype=torch.float32)
+    loss_mask[:, prompt:] = True
+    ref = torch.tensor([p.ref_logps for p in pairs], dtype=torch.float32, device=device)
 
     def step():
         # bfloat16: torch's mixed precision (autocast; float32 weights and AdamW), as TRL runs with bf16=True.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         labels, lm = ids[:, 1:], loss_mask[:, 1:]
         token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)
         logps = (token_logps * lm).sum(-1)
-        pc, pr = logps[:PAIRS], logps[PAIRS:]
+        pc, pr = logps[:n], logps[n:]
         z = (pc - pr) - (ref[:, 0] - ref[:, 1])
         loss = -F.logsigmoid(BETA * z).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if device_type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
