@@ -464,6 +464,33 @@ class EftSection:
             raise ConfigValueError(f"eft.eval_fraction={self.eval_fraction!r} must be in [0, 1)")
 
 
+@dataclasses.dataclass
+class MetaSection:
+    """Meta-Rewarding (Wu et al. 2024; jaxsr/metareward.py): M_t meta-judges its own judgements, and DPO also trains
+    on the resulting judge-preference pairs.
+
+    Attributes:
+      enabled: add the judge_pairs stage to every iteration (needs judge.mode=sampled with num_judgements >= 2).
+      responses: candidates meta-judged per iteration, those whose judge scores vary most.
+      iterations: the iterations whose DPO adds the judge pairs (the paper: the first two of four).
+      max_new_tokens / temperature / top_p: the meta-judge's sampling.
+    """
+
+    enabled: bool = False
+    responses: int = 256
+    iterations: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def __post_init__(self):
+        _positive("meta.responses", self.responses)
+        _positive("meta.max_new_tokens", self.max_new_tokens)
+        _positive("meta.temperature", self.temperature, zero_ok=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigValueError(f"meta.top_p={self.top_p!r} must be in (0, 1]")
+
+
 def _sft_defaults() -> SftSection:
     # Paper §3.1.3: 5.5e-6 cosine-decayed to 1.1e-6, batch 16, dropout 0.1, loss on target tokens only.
     return SftSection(lr=5.5e-6, final_lr=1.1e-6, schedule="cosine", batch_size=16, dropout=0.1)
@@ -491,6 +518,7 @@ class JaxsrConfig:
     judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
     pairs: PairsSection = dataclasses.field(default_factory=PairsSection)
     eft: EftSection = dataclasses.field(default_factory=EftSection)
+    meta: MetaSection = dataclasses.field(default_factory=MetaSection)
     sft: SftSection = dataclasses.field(default_factory=_sft_defaults)
     dpo: DpoSection = dataclasses.field(default_factory=_dpo_defaults)
 
@@ -527,6 +555,10 @@ class JaxsrConfig:
                                    f"{len(self.prompts.target_pairs)} values but loop.iterations="
                                    f"{self.loop.iterations} makes {n_iter} self-rewarding iterations (M1 -> M2 ..); "
                                    f"give one value for all or one per iteration")
+        if self.meta.enabled and (self.judge.mode != "sampled" or self.judge.num_judgements < 2):
+            raise ConfigValueError(f"meta.enabled=true with judge.mode={self.judge.mode!r}, judge.num_judgements="
+                                   f"{self.judge.num_judgements}: the meta-judge compares a candidate's judgements, so "
+                                   f"it needs judge.mode=sampled and judge.num_judgements >= 2")
         if self.loop.head_to_head and not env.has_eval_prompts:
             raise ConfigValueError(f"loop.head_to_head=true with data.source={env.name!r}: that environment has no "
                                    f"held-out prompts (eval or rm_eval) to compare models on; set loop.head_to_head="

@@ -184,6 +184,8 @@ def _run_stage(ctx: Context, key: str, manifest: Manifest) -> None:
     seconds = round(time.time() - t0, 1)
     named = lambda names: dict(ctx.paths.artifact(n, ctx.t) for n in names)  # noqa: E731
     outputs = named(stage.writes)
-    manifest.mark(key, outputs | named(stage.grows), named(stage.reads) or None, seconds=seconds, result=result)
+    # An input another stage writes only under some configs (judge_pairs, meta.enabled) is recorded when it exists.
+    inputs = {n: p for n, p in named(stage.reads).items() if p.exists()}
+    manifest.mark(key, outputs | named(stage.grows), inputs or None, seconds=seconds, result=result)
     rows = [f"{n} {r} rows" for n, p in outputs.items() if (r := rows_of(p)) is not None]
     log.info("stage %s: done in %.1f s%s", key, seconds, f" ({', '.join(rows)})" if rows else "")

@@ -3,8 +3,8 @@
     bootstrap (iteration 0):  data ─► sft (M0 → M1) ─► eval (M1)
       with data.build_eft:    data ─► sft_baseline (M0 → baseline) ─► eft_judge ─► eft_build ─► baseline_eval
                                    ─► sft (IFT + EFT: M0 → M1) ─► eval (M1)          (jaxsr.eft)
-    iteration t = 1 .. T-1:   prompts ─► candidates ─► judgements ─► pairs ─► dpo (M_t → M_{t+1}) ─► eval (M_{t+1})
-                              [─► h2h (M_{t+1} vs M_t, with loop.head_to_head)]
+    iteration t = 1 .. T-1:   prompts ─► candidates ─► judgements ─► pairs [─► judge_pairs (meta.enabled)]
+                              ─► dpo (M_t → M_{t+1}) ─► eval (M_{t+1}) [─► h2h (M_{t+1} vs M_t, with loop.head_to_head)]
     final:                    report
 
 `GRAPH` is the one list the loop, the per-stage commands, the manifest and the report read; to add a stage,
@@ -23,6 +23,7 @@ import numpy as np
 
 from . import artifacts, distributed, evaluate, selfreward
 from .eft import EFT_BUILD, EFT_JUDGE
+from .metareward import JUDGE_PAIRS, judge_pairs_for
 from .envs import SEED_SPLITS
 from .chat import load_chat_policy, load_chat_tokenizer, set_chat_template
 from .policy import Policy, random_policy
@@ -120,9 +121,10 @@ def _dpo(ctx: Context) -> dict | None:
                            f"{ctx.path('judgements') / 'stats.json'}); cannot train M{ctx.t + 1}")
     work, sec = ctx.paths.train(f"dpo{ctx.t}"), ctx.cfg.dpo
     if not sec.eval_every:
-        train_dpo(ctx.policy(), pairs, sec, work, remat=ctx.cfg.model.remat)
+        judge_pairs = judge_pairs_for(ctx)
+        train_dpo(ctx.policy(), pairs + judge_pairs, sec, work, remat=ctx.cfg.model.remat)
         promote(work / "final", ctx.path("M_next"))
-        return None
+        return {"train_pairs": len(pairs) + len(judge_pairs), "judge_pairs": len(judge_pairs)}
     return _dpo_with_selection(ctx, pairs, work)
 
 
@@ -133,6 +135,8 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
 
     cfg, sec = ctx.cfg, ctx.cfg.dpo
     pairs, prompts = held_out(pairs, sec.selection_prompts, ctx.seed("selection"))
+    judge_pairs = judge_pairs_for(ctx)  # added after the hold-out: validation prompts are never judge requests
+    pairs += judge_pairs
     base = ctx.policy()
     judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh, sample_only=True) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
@@ -141,7 +145,7 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
     src = sel.selected_dir()
     promote(src or ctx.path("M_t"), ctx.path("M_next"), copy=src is None)
-    return {"selection": sel.stats() | {"train_pairs": len(pairs)}}
+    return {"selection": sel.stats() | {"train_pairs": len(pairs), "judge_pairs": len(judge_pairs)}}
 
 
 # --- evaluation and report ---------------------------------------------------------------------------------
@@ -305,8 +309,8 @@ SFT_BASELINE = Stage("sft_baseline", lambda ctx: sft_from_m0(ctx, ("ift",), "sft
 BASELINE_EVAL = Stage("baseline_eval", _baseline_eval, reads=("baseline", "data"), writes=("baseline_eval",),
                       section="loop", when=lambda cfg: cfg.data.build_eft,
                       help="the environment's score and judge metrics of the SFT baseline")
-DPO = Stage("dpo", _dpo, reads=("M_t", "pairs"), writes=("M_next",), section="dpo",
-            help="DPO of M_t on its pairs -> M_{t+1}")
+DPO = Stage("dpo", _dpo, reads=("M_t", "pairs", "judge_pairs"), writes=("M_next",), section="dpo",
+            help="DPO of M_t on its pairs (+ the judge pairs of Meta-Rewarding) -> M_{t+1}")
 EVAL = Stage("eval", _eval, reads=("M_next",), writes=("eval",), section="loop", per_model=True,
              help="the environment's score and judge metrics of the model the iteration made")
 H2H = Stage("h2h", _h2h, reads=("M_t", "M_next"), writes=("h2h",), section="loop", per_model=True,
@@ -315,5 +319,6 @@ H2H = Stage("h2h", _h2h, reads=("M_t", "M_next"), writes=("h2h",), section="loop
 REPORT = Stage("report", _report, writes=("report",), help="table, plot, report.json and TensorBoard events")
 
 GRAPH = Graph(bootstrap=(DATA, SFT_BASELINE, EFT_JUDGE, EFT_BUILD, BASELINE_EVAL, SFT, EVAL),
-              iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, DPO, EVAL, H2H),
+              iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, JUDGE_PAIRS,
+                         DPO, EVAL, H2H),
               final=(REPORT,))
