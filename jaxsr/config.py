@@ -431,13 +431,22 @@ class JudgeSection:
 
 @dataclasses.dataclass
 class PairsSection:
-    """Best-vs-worst pairs; `length_control` is Meta-Rewarding's rho (0 = plain max/min)."""
+    """Best-vs-worst pairs.
+
+    Attributes:
+      length_control: Meta-Rewarding's rho (0 = plain max/min).
+      control: "" (the self-rewarding pairs), or a control experiment on the same candidates for an environment
+        that can grade its generated prompts (the world): "random" (the self-judged pairs, each oriented by a coin)
+        or "oracle" (best vs worst by the environment's ground-truth grader: the upper bound). docs/results.md.
+    """
 
     length_control: float = 0.0
+    control: str = ""
 
     def __post_init__(self):
         if not 0 <= self.length_control <= 1:
             raise ConfigValueError(f"pairs.length_control={self.length_control!r} must be in [0, 1]")
+        _choice("pairs.control", self.control, ("", "random", "oracle"))
 
 
 @dataclasses.dataclass
@@ -559,6 +568,11 @@ class JaxsrConfig:
             raise ConfigValueError(f"meta.enabled=true with judge.mode={self.judge.mode!r}, judge.num_judgements="
                                    f"{self.judge.num_judgements}: the meta-judge compares a candidate's judgements, so "
                                    f"it needs judge.mode=sampled and judge.num_judgements >= 2")
+        if self.pairs.control and not (env.has_prompt_grader() and self.prompts.generator == "env"):
+            raise ConfigValueError(f"pairs.control={self.pairs.control!r} needs the ground truth of the iteration's "
+                                   f"prompts: an environment that grades the prompts it generates (data.source="
+                                   f"world) with prompts.generator=env; data.source={env.name!r}, prompts.generator="
+                                   f"{self.prompts.generator!r}")
         if self.loop.head_to_head and not env.has_eval_prompts:
             raise ConfigValueError(f"loop.head_to_head=true with data.source={env.name!r}: that environment has no "
                                    f"held-out prompts (eval or rm_eval) to compare models on; set loop.head_to_head="

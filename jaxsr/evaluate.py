@@ -319,6 +319,9 @@ def iteration_summary(stats_by_stage: dict) -> dict:
         "share_score_5": hist.get(5, 0) / n_scored if n_scored else None,
         "pairs": pairs.get("pairs"),
         "tie_rate": pairs.get("tie_rate"),
+        # With an environment that knows the prompts' ground truth: how often the chosen answer is truly better / worse.
+        "truly_better": pairs.get("truly_better"),
+        "truly_worse": pairs.get("truly_worse"),
         "mean_chosen_tokens": chosen,
         "mean_rejected_tokens": rejected,
         # Length explosion shows up first as chosen responses growing longer than rejected ones.

@@ -268,7 +268,7 @@ def report_rows(ctx: Context) -> list[dict]:
         row = {"iteration": t, "model": f"M{t}"} | _eval_row(ctx, ev)
         row |= {"prompts": stages.get("prompts", {}).get("prompts")}
         row |= {k: summary.get(k) for k in ("pairs", "tie_rate", "parse_failure_rate", "mean_chosen_tokens",
-                                            "mean_rejected_tokens")}
+                                            "mean_rejected_tokens", "truly_better", "truly_worse")}
         row |= _h2h_rows(ctx, t) | _selection_row(ctx, t)
         rows.append(row | {"samples": ev.get("samples", [])})
     return rows
@@ -297,7 +297,7 @@ def _report(ctx: Context) -> dict:
 
     if not distributed.is_primary():
         return {}
-    return write_report(report_rows(ctx), ctx.paths.root, ctx.cfg.name, ctx.env.report_columns)
+    return write_report(report_rows(ctx), ctx.paths.root, ctx.cfg.name, ctx.env.report_columns, ctx.env.report_axes)
 
 
 DATA = Stage("data", _data, writes=("data",), section="data", help="the environment's seed splits")

@@ -287,11 +287,30 @@ def select_pairs(cands: list[dict], judgements: list[dict], length_control: floa
 
 
 def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: JaxsrConfig, iteration: int,
-                *, reference_fn=None, target: int = 0) -> dict:
+                *, reference_fn=None, target: int = 0, truth: Callable[[str, str], float] | None = None) -> dict:
     """Best vs worst per prompt (ties and < 2 valid scores discarded), with M_t's reference log-probs; with a
-    `target`, the first `target` usable pairs in prompt order."""
-    pairs, counts = select_pairs(artifacts.read_dataset(candidates_dir).to_list(),
-                                 artifacts.read_dataset(judgements_dir).to_list(), cfg.pairs.length_control)
+    `target`, the first `target` usable pairs in prompt order.
+
+    `truth(prompt, response) -> score`: the environment's ground truth of the iteration's prompts, when it has one:
+    the stats then count the pairs whose chosen answer is truly better or worse, and `pairs.control` can use it
+    ("oracle": the pairs by the ground truth; "random": the self-judged pairs oriented by a seeded coin)."""
+    cands = artifacts.read_dataset(candidates_dir).to_list()
+    judged = artifacts.read_dataset(judgements_dir).to_list()
+    control = cfg.pairs.control
+    if control == "oracle":
+        if truth is None:
+            raise ValueError("pairs.control=oracle needs the environment's ground-truth grader of the prompts")
+        judged = [{"prompt_id": c["prompt_id"], "candidate_id": c["candidate_id"], "excluded": False,
+                   "score": truth(c["prompt"], c["response"])} for c in cands]
+    pairs, counts = select_pairs(cands, judged, cfg.pairs.length_control)
+    if control == "random":
+        rng = np.random.default_rng(stage_seed(cfg.seed, iteration, "pairs/random"))
+        flips = rng.random(len(pairs)) < 0.5
+        for p, flip in zip(pairs, flips):
+            if flip:
+                for a, b in (("chosen", "rejected"), ("chosen_score", "rejected_score"),
+                             ("chosen_tokens", "rejected_tokens")):
+                    p[a], p[b] = p[b], p[a]
     ties, too_few, n_prompts = counts["ties"], counts["too_few_valid"], counts["prompts"]
     if reference_fn is None:
         from .train import reference_logps
@@ -323,6 +342,12 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
     if target:
         stats |= {"target_pairs": target, "usable_pairs": usable, "target_met": len(pairs) >= target,
                   "shortfall": max(0, target - len(pairs))}
+    if control:
+        stats["control"] = control
+    if truth is not None and pairs:
+        diff = [truth(p["prompt"], p["chosen"]) - truth(p["prompt"], p["rejected"]) for p in pairs]
+        stats |= {"truly_better": float(np.mean([d > 0 for d in diff])),
+                  "truly_worse": float(np.mean([d < 0 for d in diff]))}
     artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
     return stats
 
@@ -411,14 +436,25 @@ def grow_to_target(ctx: Context) -> dict:
     return {"prompt_blocks": blocks}
 
 
+def prompt_truth(ctx: Context) -> Callable[[str, str], float] | None:
+    """The environment's ground truth of iteration t's prompts (`Environment.prompt_grader`), when its prompt
+    source made them; None otherwise."""
+    cfg = ctx.cfg
+    if cfg.prompts.generator != "env" or not ctx.env.has_prompt_grader():
+        return None
+    rounds = sorted(set(artifacts.read_dataset(ctx.path("prompts"))["round"]))
+    return ctx.env.prompt_grader(stage_seed(cfg.seed, ctx.t, "prompts"), [f"{ctx.t}/{r}" for r in rounds],
+                                 cfg.prompts.requests_per_round, set(held_out_instructions(ctx)))
+
+
 def _pairs(ctx: Context) -> dict:
     target = pairs_wanted(ctx.cfg, ctx.t)
     if not target:
         return build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
-                           ctx.t)
+                           ctx.t, truth=prompt_truth(ctx))
     blocks = grow_to_target(ctx)
     stats = build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
-                        ctx.t, target=target) | blocks
+                        ctx.t, target=target, truth=prompt_truth(ctx)) | blocks
     artifacts.write_json_atomic(ctx.path("pairs") / "stats.json", stats)
     return stats
 

@@ -1,11 +1,12 @@
-"""`jaxsr run` (the whole stage graph), one command per data stage (`jaxsr prompts|sample|judge|pairs`), `jaxsr eval`
-(also `jaxsr eval --head-to-head A B`)."""
+"""`jaxsr run` (the whole stage graph), `jaxsr sweep` (it over seeds), one command per data stage
+(`jaxsr prompts|sample|judge|pairs`), `jaxsr eval` (also `jaxsr eval --head-to-head A B`)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from .common import load
+from .common import DEFAULT_CONFIG, load
 
 
 def cmd_run(args) -> int:
@@ -14,6 +15,18 @@ def cmd_run(args) -> int:
     cfg = load(args, default=True)
     distributed.initialize(cfg.distributed)
     loop.run(cfg, stop_after=args.stop_after, force_lock=args.force_lock)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from ..sweep import run_sweep
+
+    cfg = load(args, default=True)
+    out = Path(args.out or f"{cfg.run_dir}_sweep")
+    result = run_sweep(args.config or str(DEFAULT_CONFIG), args.overrides, args.seeds, args.controls, out)
+    print((out / "sweep.md").read_text())
+    print(f"sweep: {out / 'sweep.md'}  plot: {out / 'sweep.png'}  data: {out / 'sweep.json'} "
+          f"({len(result['seeds'])} seeds x {len(result['variants'])} variants)")
     return 0
 
 
@@ -98,6 +111,14 @@ def add_parsers(sub, add_config_args) -> None:
                    help="take over the run directory's lock even when its holder cannot be checked (another host); "
                         "only when you know that run has ended")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="the loop over several seeds (and the pair controls), resumable, with one "
+                                     "aggregate report of mean ± sd per M_t")
+    add_config_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="run seeds (default 0 1 2 3 4)")
+    p.add_argument("--controls", nargs="*", default=[], choices=["random", "oracle"],
+                   help="also run these pair controls on the same seeds (pairs.control; the world)")
+    p.add_argument("--out", help="sweep directory (default: <run_dir>_sweep); one run directory per variant and seed")
+    p.set_defaults(fn=cmd_sweep)
     for name, stage in GRAPH.commands().items():
         p = sub.add_parser(name, help=f"{stage.help} (config section: {stage.section})")
         add_config_args(p)

@@ -39,6 +39,8 @@ class Environment:
     Options: ClassVar[type] = NoOptions
     # (key, header, format) of the columns eval_metrics adds to the report, after "model".
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    # The fixed plot range of a report column's values, by key (jaxsr.report.axis_range).
+    report_axes: ClassVar[dict[str, tuple[float, float]]] = {}
     # Why a pretrained model (model.path) should not train on this environment's data; "" when it may.
     only_from_scratch: ClassVar[str] = ""
     # Its EFT rows are rendered with its own judge template, so the loop must judge with it (judge.template=env).
@@ -69,6 +71,16 @@ class Environment:
 
     def grade(self, row: dict, response: str) -> float:
         raise NotImplementedError(f"environment {self.name!r} has no grader")
+
+    def prompt_grader(self, seed: int, streams: Sequence[str], n: int, held_out: set[str]):
+        """A ground-truth grader `(prompt, response) -> score` of the prompts its `new_prompts(seed, stream, n,
+        held_out)` gave for `streams`: for the controls (`pairs.control`) and the pairs' true quality, never for
+        the self-rewarding data itself."""
+        raise NotImplementedError(f"environment {self.name!r} cannot grade the prompts it generates")
+
+    @classmethod
+    def has_prompt_grader(cls) -> bool:
+        return cls.prompt_grader is not Environment.prompt_grader
 
     def eval_metrics(self, scores: Sequence[float]) -> dict:
         return {}

@@ -15,6 +15,7 @@ class World(Environment):
 
     name = "world"
     report_columns = (("world_score", "world score (0-5)", "{:.2f}"), ("world_perfect", "perfect", "{:.1%}"))
+    report_axes = {"world_score": (0.0, 5.0), "world_perfect": (0.0, 1.0)}
     only_from_scratch = "the built-in world's data is for from-scratch tiny models"
     eft_in_own_judge_template = True  # world.data.eft_row renders WORLD_JUDGE_TEMPLATE
 
@@ -44,6 +45,13 @@ class World(Environment):
         from ..world.data import new_instructions
 
         return new_instructions(seed, stream, n, held_out)
+
+    def prompt_grader(self, seed: int, streams: Sequence[str], n: int, held_out: set[str]):
+        from ..world.data import new_tasks
+        from ..world.tasks import grade
+
+        specs = {t.instruction: t.spec for stream in streams for t in new_tasks(seed, stream, n, held_out)}
+        return lambda prompt, response: float(grade(specs[prompt], response)[0])
 
     def grade(self, row: dict, response: str) -> float:
         from ..world.tasks import grade

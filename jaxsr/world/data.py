@@ -123,5 +123,10 @@ def new_instructions(seed: int, stream: str, n: int, held_out: set[str]) -> list
     The world's stand-in for the paper's fixed prompt generator (`prompts.generator: world`): the tiny model is
     not trained to write instructions, so Self-Instruct with M_t would give it nonsense to answer.
     """
+    return [t.instruction for t in new_tasks(seed, stream, n, held_out)]
+
+
+def new_tasks(seed: int, stream: str, n: int, held_out: set[str]) -> list[Task]:
+    """The tasks behind `new_instructions(seed, stream, n, held_out)`, with their specs (the controls' grader)."""
     rng = _rng(seed, f"new/{stream}")
-    return [_train_task(rng, held_out).instruction for _ in range(n)]
+    return [_train_task(rng, held_out) for _ in range(n)]
