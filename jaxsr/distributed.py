@@ -17,23 +17,31 @@ Every process runs the same program over one global mesh. The rules the rest of 
 
 from __future__ import annotations
 
-import importlib.util
+import glob
 import json
 import logging
 import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Auto-initialise only where jax.distributed can configure itself: a TPU VM (libtpu installed; JAX reads the pod
-# layout from the TPU metadata) or a cluster that sets one of these. Elsewhere (a laptop, CI) we do not call it.
-CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                    "OMPI_COMM_WORLD_SIZE")
+# Auto-initialise only where jax.distributed can configure itself: a TPU VM or pod (TPU chips attached, or the
+# variables GKE / multi-slice jobs set; JAX reads the rest from the TPU metadata) or a SLURM / Open MPI job.
+# Elsewhere (a laptop, CI, a CPU host with libtpu installed to compile for TPUs) jaxsr does not call it.
+# TPU_ACCELERATOR_TYPE is not one: a CPU host compiling for TPUs may set it to quiet libtpu, and pods that set it
+# also set TPU_WORKER_HOSTNAMES.
+TPU_POD_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID",
+                    "MEGASCALE_COORDINATOR_ADDRESS")
+CLUSTER_ENV_VARS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+# PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, 7x), as jax._src.hardware_utils lists them.
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
 class DistributedSetupError(ValueError):
@@ -87,7 +95,8 @@ def _check_port_free(address: str) -> None:
 
 
 def initialize(section) -> None:
-    """Explicit when distributed.coordinator_address is set; otherwise JAX's auto-detection on TPU pods only.
+    """Explicit when distributed.coordinator_address is set; otherwise JAX's auto-detection where `auto_cluster`
+    finds a TPU pod, SLURM or Open MPI job, and nothing elsewhere.
 
     Must run before anything touches a JAX device. `section` is the config's `distributed:` section, whose
     construction already checked process_id against num_processes (config.DistributedSection).
@@ -105,9 +114,38 @@ def initialize(section) -> None:
         log.info("process %d/%d, %d global devices (%d here)", jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.local_device_count())
         return
-    if any(os.environ.get(v) for v in CLUSTER_ENV_VARS) or importlib.util.find_spec("libtpu") is not None:
+    if auto_cluster() is not None:
         # TPU pod slices, SLURM and Open MPI jobs describe themselves; JAX reads the rest from the environment.
         jax.distributed.initialize(heartbeat_timeout_seconds=section.heartbeat_timeout)
+
+
+def tpu_chips_attached(pci_devices: str = "/sys/bus/pci/devices") -> int:
+    """TPU chips on this host's PCI bus (what JAX's own Cloud TPU start-up counts), read without starting JAX."""
+    n = 0
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            if Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+                n += Path(vendor).with_name("device").read_text().strip() in _TPU_PCI_DEVICES
+        except OSError:
+            continue
+    return n
+
+
+def auto_cluster(environ=None) -> str | None:
+    """The cluster `jax.distributed.initialize()` can configure itself from here: "tpu", "slurm_mpi" or None.
+
+    Decided from what a pod sets (TPU chips attached, or TPU_POD_ENV_VARS) and never from the installed packages:
+    libtpu on a CPU host (installed to compile for TPU topologies, `jaxsr plan --compile`) changes nothing.
+    JAX_PLATFORMS without "tpu" (e.g. `cpu`) rules TPUs out, as it does for JAX's backends.
+    """
+    environ = os.environ if environ is None else environ
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if ((not platforms or "tpu" in platforms)
+            and (any(environ.get(v) for v in TPU_POD_ENV_VARS) or tpu_chips_attached())):
+        return "tpu"
+    if any(environ.get(v) for v in CLUSTER_ENV_VARS):
+        return "slurm_mpi"
+    return None
 
 
 def is_multiprocess() -> bool:

@@ -101,10 +101,12 @@ def _train_step(state: State, batch: Batch, rng, ref_params, *, grads_fn, tx, sc
 
 
 def make_step_fns(objective: Objective, cfg: ModelConfig, mesh, tx, schedule, *, dtype=jnp.float32,
-                  remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None):
-    """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings)."""
+                  remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None, unroll=None):
+    """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings).
+
+    unroll: the layer scan's unrolling (None: `layer_unroll`; plan_compile unrolls to cost every layer)."""
     fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=objective.section.dropout, remat=remat,
-                            mesh=mesh, unroll=layer_unroll(cfg, remat))
+                            mesh=mesh, unroll=layer_unroll(cfg, remat) if unroll is None else unroll)
     grads_fn = functools.partial(batch_grads, loss_fn=functools.partial(objective.loss, fwd=fwd),
                                  normaliser=objective.normaliser)
     state_sh = state_shardings(cfg, mesh, tx, param_dtype or dtype, rules)

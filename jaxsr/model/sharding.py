@@ -105,12 +105,36 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
     devices = list(jax.devices() if devices is None else devices)
     sizes = _resolve_sizes({"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}, len(devices),
                            _where(len(devices), all_devices))
-    if jax.process_count() > 1:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices=devices)
-    else:
-        grid = np.array(devices).reshape(tuple(sizes.values()))
-    return Mesh(grid, MESH_AXES)
+    return Mesh(device_grid(tuple(sizes.values()), devices), MESH_AXES)
+
+
+def device_grid(shape: tuple[int, int, int], devices: Sequence) -> np.ndarray:
+    """`devices` arranged as a (data, fsdp, tensor) grid of `shape`: the one layout function of real runs and of
+    ahead-of-time compiles for abstract TPU topologies (jaxsr.plan_compile), so both get the same collectives.
+
+    TPU (and several processes): `mesh_utils.create_device_mesh` puts neighbouring chips on the inner axes (splitting
+    a physical axis only when the sizes ask for it). Several slices (multi-slice, devices with a `slice_index`):
+    `create_hybrid_device_mesh` with the data axis across slices (only data parallelism crosses the slices' network,
+    DCN) and fsdp x tensor within each. One CPU/GPU process: the devices in order.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(devices)
+    slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ShardingError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} over {slices} slices: data "
+                                f"must be a multiple of {slices} (data parallelism spans the slices' network; fsdp and "
+                                f"tensor stay within a slice of {len(devices) // slices} devices)")
+        return mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+    if devices[0].platform == "tpu" or jax.process_count() > 1:
+        try:
+            return mesh_utils.create_device_mesh(shape, devices=devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            # An axis whose size is not a product of whole physical axes (tensor 8 on a 4x4x4 v5p) splits one.
+            return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    return np.array(devices).reshape(shape)
 
 
 def _axis_sizes(data: int | None, fsdp: int | None, tensor: int | None, n: int, embed_dim: int,
