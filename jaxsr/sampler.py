@@ -127,12 +127,12 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
     """Jitted decode: per-row random streams, then one `lax.while_loop` of (sample, feed) until every row is
     done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B, iterations of the loop) and the spent (cache, logits).
 
-    Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row indices and the
-    outputs over data x fsdp; the seed key and knobs replicated. Donates the cache and logits: the loop
-    carries them in the donated buffers and updates the cache in place, one slot per step.
+    Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row flags and
+    indices and the outputs over data x fsdp; the seed key and knobs replicated. Donates the cache and logits:
+    the loop carries them in the donated buffers and updates the cache in place, one slot per step.
     """
 
-    def decode(params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B, seed_key_2, knobs: Knobs):
+    def decode(params, cache, logits_BxV, mask_BxP, live_B, prompt_idx_B, sample_idx_B, seed_key_2, knobs: Knobs):
         B = logits_BxV.shape[0]
         N = cache.valid_BxS.shape[1] - prompt_bucket
         # Row (prompt i, sample j) draws all its uniforms from fold_in(fold_in(seed, i), j): a function of the
@@ -143,7 +143,8 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
         state = _State(cache=cache, logits_BxV=logits_BxV, u_BxNxA=u_BxNxA,
                        tokens_BxN=jnp.zeros((B, N), jnp.int32), logprobs_BxN=jnp.zeros((B, N), jnp.float32),
                        last_B=jnp.zeros((B,), jnp.int32), pos_B=jnp.sum(mask_BxP, axis=1, dtype=jnp.int32),
-                       length_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
+                       # Padding rows are done from the start: the loop ends when the real rows end.
+                       length_B=jnp.zeros((B,), jnp.int32), done_B=~live_B,
                        eos_B=jnp.zeros((B,), bool), step=jnp.int32(0))
         def feed(s: _State) -> _State:
             slot = prompt_bucket + s.step - 1  # the slot of the token just sampled
@@ -165,7 +166,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
     b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
     return jax.jit(decode,
-                   in_shardings=(_layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1,
+                   in_shardings=(_layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1, b1,
                                  replicated(mesh), _knob_shardings(mesh)),
                    out_shardings=((b2, b2, b1, b1, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
 
@@ -192,7 +193,8 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
     knobs = Knobs(sds((), jnp.float32, sharding=rep), sds((), jnp.float32, sharding=rep), sds((), jnp.int32, sharding=rep),
                   sds((), jnp.int32, sharding=rep), sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep))
     decode = _decode_fn(cfg, mesh, dtype, rules, mode, P).lower(
-        params, cache, sds((B, V), jnp.float32, sharding=b2), mask, sds((B,), jnp.int32, sharding=b1),
+        params, cache, sds((B, V), jnp.float32, sharding=b2), mask, sds((B,), bool, sharding=b1),
+        sds((B,), jnp.int32, sharding=b1),
         sds((B,), jnp.int32, sharding=b1), sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
     return prefill, decode
 
@@ -205,13 +207,14 @@ def run_chunk(policy: Policy, layer_params, ids, chunk, shape: tuple[int, int], 
     B, P = shape
     ids_BxP = np.full((B, P), knobs.pad_id, np.int32)
     mask_BxP = np.zeros((B, P), bool)
+    live_B = np.zeros((B,), bool)
     prompt_idx_B = np.zeros((B,), np.int32)
     sample_idx_B = np.zeros((B,), np.int32)
     for r, (i, j) in enumerate(chunk):
         n = len(ids[i])
         ids_BxP[r, P - n:] = ids[i]
         mask_BxP[r, P - n:] = True
-        prompt_idx_B[r], sample_idx_B[r] = i, j
+        live_B[r], prompt_idx_B[r], sample_idx_B[r] = True, i, j
     # Padding rows get one real token so their (discarded) attention is well defined.
     mask_BxP[len(chunk):, -1] = True
     prefill, decode = programs(policy.config, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket,
@@ -220,10 +223,10 @@ def run_chunk(policy: Policy, layer_params, ids, chunk, shape: tuple[int, int], 
     b1, b2 = batch_sharding(policy.mesh, 1, policy.rules), batch_sharding(policy.mesh, 2, policy.rules)
     rep = replicated(policy.mesh)
     ids_BxP, mask_BxP = distributed.global_array(ids_BxP, b2), distributed.global_array(mask_BxP, b2)
-    prompt_idx_B, sample_idx_B = distributed.global_array(prompt_idx_B, b1), distributed.global_array(sample_idx_B, b1)
+    live_B, prompt_idx_B, sample_idx_B = (distributed.global_array(x, b1) for x in (live_B, prompt_idx_B, sample_idx_B))
     knobs = Knobs(*(distributed.global_array(k, rep) for k in knobs))
     cache, logits_BxV = prefill(layer_params, ids_BxP, mask_BxP)
-    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, prompt_idx_B, sample_idx_B,
+    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, live_B, prompt_idx_B, sample_idx_B,
                     distributed.global_array(seed_key_2, rep), knobs)
     # Batch-sharded across processes: gathered whole onto every process.
     tokens_BxN, logprobs_BxN, length_B, eos_B, steps = distributed.to_host(out)

@@ -140,6 +140,23 @@ def test_one_prompt_and_max_new_tokens_one(llama3, fixtures_dir):
     assert c.token_ids == expected[0][:1] and c.finish_reason == "length" and len(c.logprobs) == 1
 
 
+def test_a_chunk_ends_when_its_real_rows_end(llama3, fixtures_dir):
+    # EOS ids each reference row produces within 3 greedy steps: every real row ends early, while the padding
+    # rows (a batch of 8 on 8 devices holds 3 or 5 real rows) would decode to max_new_tokens if they counted.
+    prompts, expected = reference(fixtures_dir, "llama3")
+    eos = [row[2] for row in expected]
+    for kw in (dict(), dict(num_samples=3, max_batch_rows=8)):  # one chunk; two chunks of 5 rows
+        stats = {}
+        out = generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=eos, stats=stats, **kw)
+        assert all(c.finish_reason == "eos" for x in out for c in x)
+        chunks = stats["chunks"]
+        assert len(chunks) == (2 if kw else 1) and all(c["rows"] < c["batch"] for c in chunks)
+        assert sum(c["rows"] for c in chunks) == 3 * kw.get("num_samples", 1)
+        longest = max(len(c.token_ids) for x in out for c in x) + 1  # + the EOS
+        assert max(c["longest_row"] for c in chunks) == longest <= 3
+        assert [c["decode_steps"] for c in chunks] == [c["longest_row"] for c in chunks]
+
+
 @pytest.mark.parametrize("n", [3, 13])  # fewer prompts than devices, and more but not a multiple of 8
 def test_any_number_of_prompts_and_chunking(llama3, n):
     prompts = [SHORT[i % 4][: 1 + i % 5] + [i] for i in range(n)]
