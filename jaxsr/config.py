@@ -204,7 +204,12 @@ class DistributedSection:
 
 @dataclasses.dataclass
 class SampleSection:
-    """Candidate generation (paper: N=4 at T=0.7, top-p 0.9)."""
+    """Candidate generation (paper: N=4 at T=0.7, top-p 0.9).
+
+    Attributes:
+      max_batch_rows: rows (one sample of one prompt) per chunk of every sampling call of a run: prompts,
+        candidates, judgements, evaluation, head-to-head and checkpoint selection. Results do not depend on it.
+    """
 
     num_samples: int = 4
     max_new_tokens: int = 256

@@ -46,10 +46,23 @@ def run_stages(policy, cfg, root, crash_after=None, monkeypatch=None):
     return selfreward.build_pairs(policy, root / "candidates", root / "judgements", root / "pairs", cfg, 1)
 
 
-def test_stages_deterministic_and_consistent(policy, cfg, tmp_path):
+def test_stages_deterministic_and_consistent(policy, cfg, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     stats_a = run_stages(policy, cfg, a)
+    # Run b samples in chunks of at most sample.max_batch_rows = 8 rows (18 candidates, 18 judge requests per
+    # call): the same rows, since a row's output depends only on (seed, prompt, sample).
+    cfg.sample.max_batch_rows = 8
+    calls = []
+
+    def recording_generate(*args, **kw):
+        stats = {}
+        out = jaxsr.sample.generate(*args, stats=stats, **kw)
+        calls.append(stats["chunks"])
+        return out
+
+    monkeypatch.setattr(selfreward, "generate", recording_generate)
     run_stages(policy, cfg, b)
+    assert len(calls) == 2 and all(len(c) == 3 and max(x["rows"] for x in c) <= 8 for c in calls)  # 18 rows -> 3 chunks
     for stage in ("candidates", "judgements", "pairs"):
         da, db = artifacts.read_dataset(a / stage), artifacts.read_dataset(b / stage)
         assert artifacts.content_hash(da) == artifacts.content_hash(db), stage
