@@ -102,6 +102,13 @@ def _fit(ids: list[int], i: int, max_new_tokens: int, context: int, truncate: bo
         + ("" if truncate else "; shorten it, lower max_new_tokens, or pass truncate_prompts=True"))
 
 
+def _hints(hints, n: int) -> list[float]:
+    out = [float(h) for h in hints]
+    if len(out) != n or not all(math.isfinite(h) for h in out):
+        raise ValueError(f"length_hints must hold one finite number per prompt ({n}), got {len(out)}: {hints!r}"[:200])
+    return out
+
+
 def _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batch_rows):
     def is_int(x):
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
@@ -123,7 +130,8 @@ def _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batc
 def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
              truncate_prompts: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-             concurrency: int | None = None, progress: bool = True, stats: dict | None = None) -> list[list[Completion]]:
+             concurrency: int | None = None, progress: bool = True, stats: dict | None = None,
+             length_hints: Sequence[float] | None = None) -> list[list[Completion]]:
     """Samples `num_samples` completions for each prompt; returns one list per prompt.
 
     prompts: strings (tokenised with `tokenizer(text)["input_ids"]`, the tokenizer's default special tokens)
@@ -131,6 +139,8 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     Sampling: temperature, then top-k, then top-p (see `sample_tokens`); temperature=0 is greedy. The same
     seed gives the same completions whatever the mesh, batch padding, `max_batch_rows` or `concurrency`.
     concurrency: chunks in flight at once (None: see `_default_concurrency`); always 1 with several processes.
+    length_hints: the expected new tokens of each prompt (any scale), used only to put rows of similar length
+    into the same chunk; None: every prompt's max_new_tokens.
     stats: a dict to receive `"chunks"`, one dict per chunk in the order the rows were chunked: real `rows`,
     padded `batch`, `prompt_bucket`, `decode_steps` (iterations of its decode loop) and `longest_row` (tokens
     its longest real row sampled, EOS included).
@@ -161,10 +171,12 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     multiple = batch_multiple(policy.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
-    # Rows sorted by prompt length (longest first) so each chunk's prompt bucket is tight; results do not
-    # depend on which rows share a chunk. At least `concurrency` chunks of equal size (equal shapes: one
-    # compilation), at most `cap` rows each.
-    rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)), key=lambda r: -len(ids[r[0]]))
+    # Length-aware chunks: rows sorted by expected new tokens, then prompt length (longest first), so a chunk
+    # does not wait for one long row and its prompt bucket is tight; results do not depend on which rows share
+    # a chunk. At least `concurrency` chunks of equal size (equal shapes: one compilation), at most `cap` rows.
+    expected = [max_new_tokens] * len(ids) if length_hints is None else _hints(length_hints, len(ids))
+    rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)),
+                  key=lambda r: (-expected[r[0]], -len(ids[r[0]])))
     concurrency = concurrency or _default_concurrency(policy.mesh)
     if jax.process_count() > 1:
         # Every process must launch the same collective programs in the same order; threads would not.

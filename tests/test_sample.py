@@ -157,6 +157,25 @@ def test_a_chunk_ends_when_its_real_rows_end(llama3, fixtures_dir):
         assert [c["decode_steps"] for c in chunks] == [c["longest_row"] for c in chunks]
 
 
+def test_length_hints_put_rows_of_similar_length_into_one_chunk(llama3):
+    # 16 prompts whose greedy completions end at different steps: EOS ids taken from their completions.
+    prompts = [SHORT[i % 5][: 1 + i % 4] + [i + 3] for i in range(16)]
+    free = generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[])
+    eos = sorted({c[0].token_ids[i % 12 + 2] for i, c in enumerate(free)})
+    kw = dict(max_new_tokens=20, temperature=0.0, eos_token_ids=eos, max_batch_rows=8, progress=False)
+    by_prompt, hinted = {}, {}
+    out = generate(llama3, prompts, stats=by_prompt, **kw)
+    lengths = [len(c[0].token_ids) + (c[0].finish_reason == "eos") for c in out]
+    assert len(set(lengths)) > 2
+    assert_same(out, generate(llama3, prompts, length_hints=lengths, stats=hinted, **kw))
+    # Sorted by the true lengths, the 8 longest rows share one chunk: the other ends with the 9th longest.
+    ordered = sorted(lengths, reverse=True)
+    assert [c["decode_steps"] for c in hinted["chunks"]] == [ordered[0], ordered[8]]
+    assert sum(c["decode_steps"] for c in hinted["chunks"]) <= sum(c["decode_steps"] for c in by_prompt["chunks"])
+    with pytest.raises(ValueError, match="length_hints must hold one finite number per prompt"):
+        generate(llama3, prompts, length_hints=[1.0], **kw)
+
+
 @pytest.mark.parametrize("n", [3, 13])  # fewer prompts than devices, and more but not a multiple of 8
 def test_any_number_of_prompts_and_chunking(llama3, n):
     prompts = [SHORT[i % 4][: 1 + i % 5] + [i] for i in range(n)]
