@@ -28,6 +28,7 @@ from .model.sharding import batch_multiple
 from .next_token import sampling_mode
 from .policy import Policy
 from .sampler import EOS_SLOTS, Knobs, programs, run_chunk, unstack_fn
+from .stop import stop_table
 
 DEFAULT_MAX_BATCH_ROWS = 256
 
@@ -41,7 +42,8 @@ class Completion:
       text: `tokenizer.decode(token_ids, skip_special_tokens=True)`, or "" when the policy has no tokenizer.
       logprobs: log-probability of each generated token under the model's unmodified distribution
         (log_softmax of the raw float32 logits: no temperature, top-k or top-p), same length as token_ids.
-      finish_reason: "eos" (an EOS id was sampled) or "length" (max_new_tokens were generated).
+      finish_reason: "eos" (an EOS id was sampled), "stop" (the stop condition was met; its last token is kept)
+        or "length" (max_new_tokens were generated).
       prompt_tokens: how many prompt tokens the model saw (after truncation, if any).
     """
 
@@ -109,14 +111,27 @@ def _hints(hints, n: int) -> list[float]:
     return out
 
 
-def _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batch_rows):
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
+
+def _budgets(max_new_tokens, n: int) -> list[int]:
+    """max_new_tokens per prompt, from one integer or one per prompt."""
+    per_prompt = not _is_int(max_new_tokens)
+    out = list(max_new_tokens) if per_prompt else [max_new_tokens] * n
+    if per_prompt and len(out) != n:
+        raise ValueError(f"max_new_tokens has {len(out)} values for {n} prompts; give one integer or one per prompt")
+    for i, m in enumerate(out):
+        if not _is_int(m) or m < 1:
+            where = f" (prompt {i})" if per_prompt else ""
+            raise ValueError(f"max_new_tokens must be an integer >= 1{where}, got {m!r}")
+    return [int(m) for m in out]
+
+
+def _check_args(num_samples, temperature, top_p, top_k, max_batch_rows):
+    is_int = _is_int
     if not is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not math.isfinite(float(temperature)) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if not 0.0 < float(top_p) <= 1.0:
@@ -127,11 +142,12 @@ def _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batc
         raise ValueError(f"max_batch_rows must be an integer >= 1, got {max_batch_rows!r}")
 
 
-def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: int, temperature: float = 1.0,
+def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: int | Sequence[int],
+             temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
              truncate_prompts: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
              concurrency: int | None = None, progress: bool = True, stats: dict | None = None,
-             length_hints: Sequence[float] | None = None) -> list[list[Completion]]:
+             length_hints: Sequence[float] | None = None, stop: str | None = None) -> list[list[Completion]]:
     """Samples `num_samples` completions for each prompt; returns one list per prompt.
 
     prompts: strings (tokenised with `tokenizer(text)["input_ids"]`, the tokenizer's default special tokens)
@@ -141,6 +157,9 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     concurrency: chunks in flight at once (None: see `_default_concurrency`); always 1 with several processes.
     length_hints: the expected new tokens of each prompt (any scale), used only to put rows of similar length
     into the same chunk; None: every prompt's max_new_tokens.
+    max_new_tokens: one budget for every prompt, or one per prompt.
+    stop: a stop condition of `jaxsr.stop` ("score": the judge's "Score: d"; "score_marker": "score:"), checked
+    on the device after every token; a row that meets it ends with finish_reason "stop".
     stats: a dict to receive `"chunks"`, one dict per chunk in the order the rows were chunked: real `rows`,
     padded `batch`, `prompt_bucket`, `decode_steps` (iterations of its decode loop) and `longest_row` (tokens
     its longest real row sampled, EOS included).
@@ -148,15 +167,19 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     With several processes every process must call it with the same arguments: each feeds its devices their
     rows of every chunk and gets back all completions.
     """
-    _check_args(num_samples, max_new_tokens, temperature, top_p, top_k, max_batch_rows)
+    _check_args(num_samples, temperature, top_p, top_k, max_batch_rows)
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
         raise ValueError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
     if len(prompts) == 0:
         return []
     policy = policy.for_compute()  # parameters in the compute dtype (the KV cache's), cast once per policy
     cfg = policy.config
-    ids = [_fit(p, i, max_new_tokens, cfg.max_position_embeddings, truncate_prompts)
+    budgets = _budgets(max_new_tokens, len(prompts))
+    ids = [_fit(p, i, budgets[i], cfg.max_position_embeddings, truncate_prompts)
            for i, p in enumerate(_tokenize(policy, prompts))]
+    if stop is not None and policy.tokenizer is None:
+        raise ValueError(f"stop={stop!r} needs the policy's tokenizer (it reads the tokens' text); this policy has none")
+    stop_VxS = np.zeros((1, 2), np.int32) if stop is None else stop_table(policy.tokenizer, cfg.vocab_size, stop)
     eos = list(policy.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if any(not isinstance(e, (int, np.integer)) for e in eos):
         raise ValueError(f"eos_token_ids must be integers, got {eos!r}")
@@ -165,16 +188,16 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     pad_id = int(np.clip(policy.pad_token_id, 0, cfg.vocab_size - 1))
     mode = sampling_mode(float(temperature), float(top_p), int(top_k), cfg.vocab_size)
     knobs = Knobs(np.float32(max(float(temperature), 1e-30)), np.float32(top_p), np.int32(top_k),
-                  np.int32(max_new_tokens), np.int32(pad_id), eos_E)
+                  np.int32(pad_id), eos_E, stop_VxS)
     seed_key_2 = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    new_bucket = bucket(max_new_tokens, fine=True)
+    new_bucket = bucket(max(budgets), fine=True)
     multiple = batch_multiple(policy.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
     # Length-aware chunks: rows sorted by expected new tokens, then prompt length (longest first), so a chunk
     # does not wait for one long row and its prompt bucket is tight; results do not depend on which rows share
     # a chunk. At least `concurrency` chunks of equal size (equal shapes: one compilation), at most `cap` rows.
-    expected = [max_new_tokens] * len(ids) if length_hints is None else _hints(length_hints, len(ids))
+    expected = budgets if length_hints is None else _hints(length_hints, len(ids))
     rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)),
                   key=lambda r: (-expected[r[0]], -len(ids[r[0]])))
     concurrency = concurrency or _default_concurrency(policy.mesh)
@@ -185,10 +208,11 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
     shapes = [_chunk_shape(ids, chunk, multiple, cap) for chunk in chunks]
     layer_params = unstack_fn(cfg, policy.mesh, policy.dtype, policy.rules)(policy.params)
-    run = functools.partial(run_chunk, policy, layer_params, ids, new_bucket=new_bucket, mode=mode, knobs=knobs,
+    run = functools.partial(run_chunk, policy, layer_params, ids, budgets, new_bucket=new_bucket, mode=mode, knobs=knobs,
                             seed_key_2=seed_key_2)
     for B, P in sorted(set(shapes)):
-        programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E))  # compile here, once
+        programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E),
+                 stop_VxS.shape)  # compile here, once
     results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
     steps: dict[int, int] = {}
     bar = None
@@ -208,12 +232,12 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         bar.close()
     if stats is not None:
         stats["chunks"] = [{"rows": len(chunk), "batch": B, "prompt_bucket": P, "decode_steps": steps[k],
-                            "longest_row": max(len(results[r][0]) + results[r][2] for r in chunk)}
+                            "longest_row": max(len(results[r][0]) + (results[r][2] == "eos") for r in chunk)}
                            for k, (chunk, (B, P)) in enumerate(zip(chunks, shapes))]
 
     order = [(i, j) for i in range(len(ids)) for j in range(num_samples)]
     texts = _decode_texts(policy.tokenizer, [results[r][0] for r in order])
-    completions = [Completion(results[r][0], text, results[r][1], "eos" if results[r][2] else "length", len(ids[r[0]]))
+    completions = [Completion(results[r][0], text, results[r][1], results[r][2], len(ids[r[0]]))
                    for r, text in zip(order, texts)]
     return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
 

@@ -205,8 +205,10 @@ def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSectio
     as (text, score or None, digit probabilities 0-5 or []). max_batch_rows: rows per chunk of the sampler
     (`sample.max_batch_rows`)."""
     k = sec.num_judgements if sec.mode == "sampled" else 1
+    # Stop where the score is read: after "Score: d" (sampled) or "score:" (expected, see expected_scores).
+    stop = ("score" if sec.mode == "sampled" else "score_marker") if sec.stop_at_score else None
     outs = generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
-                    temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows)
+                    temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows, stop=stop)
     if sec.mode == "expected":
         expected = expected_scores(policy, request_ids, [o[0].text for o in outs])
         return [[(o[0].text, score, mass)] for o, (score, mass) in zip(outs, expected)]

@@ -13,6 +13,7 @@ import pytest
 from jaxsr import load_policy, make_mesh
 from jaxsr.chat import chat_token_ids, render_user_turn
 from jaxsr.policy import forward_logits
+from jaxsr import sample
 from jaxsr.sample import Completion, generate
 
 FAMILIES = ["llama2", "llama3", "llama_linear_bias", "mistral", "qwen2", "qwen3"]
@@ -174,6 +175,36 @@ def test_length_hints_put_rows_of_similar_length_into_one_chunk(llama3):
     assert sum(c["decode_steps"] for c in hinted["chunks"]) <= sum(c["decode_steps"] for c in by_prompt["chunks"])
     with pytest.raises(ValueError, match="length_hints must hold one finite number per prompt"):
         generate(llama3, prompts, length_hints=[1.0], **kw)
+
+
+def test_per_row_max_new_tokens(llama3, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, "llama3")
+    stats = {}
+    out = only(generate(llama3, prompts, max_new_tokens=[3, 20, 7], temperature=0.0, eos_token_ids=[], stats=stats))
+    assert [c.token_ids for c in out] == [expected[0][:3], expected[1], expected[2][:7]]
+    assert all(c.finish_reason == "length" for c in out) and stats["chunks"][0]["decode_steps"] == 20
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values for 3 prompts"):
+        generate(llama3, prompts, max_new_tokens=[3, 20])
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 1 \(prompt 1\)"):
+        generate(llama3, prompts, max_new_tokens=[3, 0, 4])
+
+
+def test_stop_condition_runs_on_the_device(llama3, fixtures_dir, monkeypatch):
+    # A two-state automaton that stops on the token reference row 1 produces at step 5 (and no other row
+    # produces): row 1 keeps that token and ends with "stop"; the other rows are unchanged.
+    prompts, expected = reference(fixtures_dir, "llama3")
+    k, tok = next((k, t) for k, t in enumerate(expected[1]) if k >= 5 and t not in expected[0] + expected[2])
+    table = np.zeros((llama3.config.vocab_size, 2), np.int32)
+    table[tok] = 1
+    monkeypatch.setattr(sample, "stop_table", lambda tokenizer, vocab, kind: table)
+    stats = {}
+    out = only(generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[], stop="score", stats=stats))
+    assert out[1].token_ids == expected[1][:k + 1] and out[1].finish_reason == "stop" and len(out[1].logprobs) == k + 1
+    assert [c.token_ids for c in (out[0], out[2])] == [expected[0], expected[2]]
+    assert stats["chunks"][0]["decode_steps"] == 20
+    bare = dataclasses.replace(llama3, tokenizer=None)
+    with pytest.raises(ValueError, match="stop='score' needs the policy's tokenizer"):
+        generate(bare, prompts, max_new_tokens=4, stop="score")
 
 
 @pytest.mark.parametrize("n", [3, 13])  # fewer prompts than devices, and more but not a multiple of 8
