@@ -204,7 +204,12 @@ class DistributedSection:
 
 @dataclasses.dataclass
 class SampleSection:
-    """Candidate generation (paper: N=4 at T=0.7, top-p 0.9)."""
+    """Candidate generation (paper: N=4 at T=0.7, top-p 0.9).
+
+    Attributes:
+      max_batch_rows: rows (one sample of one prompt) per chunk of every sampling call of a run: prompts,
+        candidates, judgements, evaluation, head-to-head and checkpoint selection. Results do not depend on it.
+    """
 
     num_samples: int = 4
     max_new_tokens: int = 256
@@ -407,6 +412,9 @@ class JudgeSection:
       mode: sampled (K judgements, mean of valid scores) or expected (one justification, then the
         probability-weighted mean of the digits 0-5 after "Score:").
       exclude_truncated: drop candidates that hit sample.max_new_tokens before judging.
+      stop_at_score: end a judgement once its score is written (sampled: "Score: d" and a character that ends
+        the value; expected: "score:", where the digit probabilities are read) instead of at EOS or max_new_tokens.
+        The judgement text ends there; the parsed score is the one its first marker gives.
       pairwise_template: the head-to-head and checkpoint-selection judge's prompt: "default" (jaxsr's,
         evaluate.PAIRWISE_TEMPLATE) or a path to a template with <INSTRUCTION_HERE>, <OUTPUT_A_HERE> and
         <OUTPUT_B_HERE> (a shorter one for a judge with a short context).
@@ -419,6 +427,7 @@ class JudgeSection:
     top_p: float = 0.9
     max_new_tokens: int = 256
     exclude_truncated: bool = False
+    stop_at_score: bool = True
     pairwise_template: str = "default"
 
     def __post_init__(self):

@@ -15,13 +15,14 @@ from .chat import chat_token_ids
 from .evaluate import (PAIRWISE_TEMPLATE, head_to_head, load_pairwise_template, parse_pairwise_verdict,
                        render_pairwise_prompt)
 from .policy import Policy
-from .sample import generate
+from .sample import DEFAULT_MAX_BATCH_ROWS, generate
 
 
-def greedy_answers(policy: Policy, instructions: Sequence[str], *, max_new_tokens: int) -> list[str]:
+def greedy_answers(policy: Policy, instructions: Sequence[str], *, max_new_tokens: int,
+                   max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> list[str]:
     """The policy's greedy (temperature 0) answer to each instruction, each as one chat-templated user turn."""
     outs = generate(policy, chat_token_ids(policy.tokenizer, list(instructions)), max_new_tokens=max_new_tokens,
-                    temperature=0.0)
+                    temperature=0.0, max_batch_rows=max_batch_rows)
     return [o[0].text for o in outs]
 
 
@@ -58,8 +59,8 @@ def pairwise_request_ids(tokenizer, context: int, instruction: str, output_a: st
 
 
 def judge_both_orders(judge: Policy, instructions: Sequence[str], answers_a: Sequence[str],
-                      answers_b: Sequence[str], *, max_new_tokens: int, template: str = PAIRWISE_TEMPLATE
-                      ) -> tuple[list[str], list[str], int]:
+                      answers_b: Sequence[str], *, max_new_tokens: int, template: str = PAIRWISE_TEMPLATE,
+                      max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> tuple[list[str], list[str], int]:
     """The judge's greedy replies with A's answer as output A (`texts_ab`) and as output B (`texts_ba`), and how
     many requests had their outputs cut to fit the judge's context."""
     if not len(instructions) == len(answers_a) == len(answers_b):
@@ -68,7 +69,8 @@ def judge_both_orders(judge: Policy, instructions: Sequence[str], answers_a: Seq
     reqs = [pairwise_request_ids(judge.tokenizer, ctx, i, x, y, max_new_tokens=max_new_tokens, template=template)
             for first, second in ((answers_a, answers_b), (answers_b, answers_a))
             for i, x, y in zip(instructions, first, second)]
-    outs = generate(judge, [ids for ids, _ in reqs], max_new_tokens=max_new_tokens, temperature=0.0)
+    outs = generate(judge, [ids for ids, _ in reqs], max_new_tokens=max_new_tokens, temperature=0.0,
+                    max_batch_rows=max_batch_rows)
     texts, n = [o[0].text for o in outs], len(instructions)
     return texts[:n], texts[n:], sum(cut for _, cut in reqs)
 
@@ -151,13 +153,15 @@ def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: S
     cfg, judge = ctx.cfg, judge or a
     answers = {}
     for name, path in (a, b):
-        answers[name] = greedy_answers(_policy(ctx, path), instructions, max_new_tokens=cfg.loop.eval_max_new_tokens)
+        answers[name] = greedy_answers(_policy(ctx, path), instructions, max_new_tokens=cfg.loop.eval_max_new_tokens,
+                                       max_batch_rows=cfg.sample.max_batch_rows)
         if distributed.is_primary():
             artifacts.write_json_atomic(ctx.paths.root / "eval" / "alpaca_eval" / f"{name}.json",
                                         alpaca_eval_records(instructions, answers[name], name))
     texts_ab, texts_ba, cut = judge_both_orders(_policy(ctx, judge[1]), instructions, answers[a[0]], answers[b[0]],
                                                 max_new_tokens=cfg.judge.max_new_tokens,
-                                                template=load_pairwise_template(cfg.judge.pairwise_template))
+                                                template=load_pairwise_template(cfg.judge.pairwise_template),
+                                                max_batch_rows=cfg.sample.max_batch_rows)
     res = result((a[0], b[0]), judge[0], instructions, answers[a[0]], answers[b[0]], texts_ab, texts_ba, cut)
     if distributed.is_primary():
         artifacts.write_json_atomic(ctx.paths.h2h(a[0], b[0]), res)

@@ -140,7 +140,7 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     base = ctx.policy()
     judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh, sample_only=True) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
-                   judge_max_new_tokens=cfg.judge.max_new_tokens,
+                   judge_max_new_tokens=cfg.judge.max_new_tokens, max_batch_rows=cfg.sample.max_batch_rows,
                    template=evaluate.load_pairwise_template(cfg.judge.pairwise_template))
     train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
     src = sel.selected_dir()
@@ -162,7 +162,8 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
     if eval_rows is not None:
         rows = eval_rows.to_list()
         ids = chat_token_ids(policy.tokenizer, [r["instruction"] for r in rows])
-        comps = generate(policy, ids, max_new_tokens=cfg.loop.eval_max_new_tokens, temperature=0.0)
+        comps = generate(policy, ids, max_new_tokens=cfg.loop.eval_max_new_tokens, temperature=0.0,
+                         max_batch_rows=cfg.sample.max_batch_rows)
         scores = [ctx.env.grade(r, c[0].text) for r, c in zip(rows, comps)]
         out |= ctx.env.eval_metrics(scores)
         out["eval_mean_tokens"] = float(np.mean([len(c[0].token_ids) for c in comps]))
@@ -179,7 +180,8 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
                 reqs.append(selfreward.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
                                                          cfg.judge.max_new_tokens)[0])
                 owners.append((i, j))
-        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"))
+        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"),
+                                    max_batch_rows=cfg.sample.max_batch_rows)
         model_scores = [[None] * len(c) for c in cands]
         failures = total = 0
         for (i, j), v in zip(owners, verdicts):

@@ -20,6 +20,7 @@ from . import artifacts, distributed
 from .evaluate import PAIRWISE_TEMPLATE
 from .headtohead import greedy_answers, judge_both_orders, tally
 from .policy import Policy, save_checkpoint
+from .sample import DEFAULT_MAX_BATCH_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ class Selector:
     """
 
     def __init__(self, base: Policy, prompts: Sequence[str], work_dir, *, max_new_tokens: int,
-                 judge_max_new_tokens: int, judge: Policy | None = None, template: str = PAIRWISE_TEMPLATE):
+                 judge_max_new_tokens: int, judge: Policy | None = None, template: str = PAIRWISE_TEMPLATE,
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
         self.base, self.prompts, self.judge, self.template = base, list(prompts), judge or base, template
+        self.max_batch_rows = max_batch_rows
         self.max_new_tokens, self.judge_max_new_tokens = max_new_tokens, judge_max_new_tokens
         self.work_dir = Path(work_dir).absolute()
         self.path = self.work_dir / LOG_FILE
@@ -91,7 +94,8 @@ class Selector:
         prev = self.selected
         answers = self._answers(self.base.with_params(params))
         texts_ab, texts_ba, _ = judge_both_orders(self.judge, self.prompts, answers, prev["answers"],
-                                                  max_new_tokens=self.judge_max_new_tokens, template=self.template)
+                                                  max_new_tokens=self.judge_max_new_tokens, template=self.template,
+                                                  max_batch_rows=self.max_batch_rows)
         t = tally(texts_ab, texts_ba)
         decision = decide(t["win_rate"])
         entry = {"step": step, "against": prev["step"], "wins": t["wins"], "ties": t["ties"], "losses": t["losses"],
@@ -113,7 +117,8 @@ class Selector:
         return entry
 
     def _answers(self, policy: Policy) -> list[str]:
-        return greedy_answers(policy, self.prompts, max_new_tokens=self.max_new_tokens)
+        return greedy_answers(policy, self.prompts, max_new_tokens=self.max_new_tokens,
+                              max_batch_rows=self.max_batch_rows)
 
     def stats(self) -> dict:
         """The log without the answers, for the stage's stats (manifest and report)."""

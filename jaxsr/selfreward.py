@@ -26,7 +26,7 @@ from .judge import aggregate_scores, load_judge_template, parse_score, render_ju
 from .judge_scores import digit_masses
 from .pairs import select_pair
 from .policy import Policy
-from .sample import generate
+from .sample import DEFAULT_MAX_BATCH_ROWS, generate
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
 from .stages import Context, Stage, map_rows, stage_seed, write_rows
 
@@ -77,7 +77,8 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
                         for _ in range(sec.requests_per_round)]
             # Left-truncation keeps the open "Task N:" slot when the few-shot list outgrows the context.
             outs = generate(policy, requests, max_new_tokens=sec.max_new_tokens, temperature=sec.temperature,
-                            top_p=sec.top_p, seed=seed + rnd, truncate_prompts=True)
+                            top_p=sec.top_p, seed=seed + rnd, truncate_prompts=True,
+                            max_batch_rows=cfg.sample.max_batch_rows)
             texts = [extract_instruction(out[0].text) or "" for out in outs]
         rows = []
         for text in texts:
@@ -125,7 +126,8 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
         ids = chat_token_ids(policy.tokenizer, [p["prompt"] for p in chunk])
         # The seed depends on the chunk, not on where a resumed run starts.
         outs = generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo)
+                        temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo,
+                        max_batch_rows=sec.max_batch_rows)
         return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "candidate_id": j, "response": c.text,
                  "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
                 for p, comps in zip(chunk, outs) for j, c in enumerate(comps)]
@@ -197,13 +199,16 @@ def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justif
     return out
 
 
-def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSection, seed: int
-          ) -> list[list[tuple[str, float | None, list[float]]]]:
+def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSection, seed: int, *,
+          max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> list[list[tuple[str, float | None, list[float]]]]:
     """M_t's judgements of each request: K sampled ones (`sampled`) or one with its expected score (`expected`),
-    as (text, score or None, digit probabilities 0-5 or [])."""
+    as (text, score or None, digit probabilities 0-5 or []). max_batch_rows: rows per chunk of the sampler
+    (`sample.max_batch_rows`)."""
     k = sec.num_judgements if sec.mode == "sampled" else 1
+    # Stop where the score is read: after "Score: d" (sampled) or "score:" (expected, see expected_scores).
+    stop = ("score" if sec.mode == "sampled" else "score_marker") if sec.stop_at_score else None
     outs = generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
-                    temperature=sec.temperature, top_p=sec.top_p, seed=seed)
+                    temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows, stop=stop)
     if sec.mode == "expected":
         expected = expected_scores(policy, request_ids, [o[0].text for o in outs])
         return [[(o[0].text, score, mass)] for o, (score, mass) in zip(outs, expected)]
@@ -223,8 +228,10 @@ def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, 
 
     def grade(chunk, lo):
         reqs = [judge_request_ids(policy, template, c["prompt"], c["response"], sec.max_new_tokens) for c in chunk]
+        verdicts_per_candidate = judge(policy, [r[0] for r in reqs], sec, seed + lo,
+                                       max_batch_rows=cfg.sample.max_batch_rows)
         rows = []
-        for c, (_, truncated), verdicts in zip(chunk, reqs, judge(policy, [r[0] for r in reqs], sec, seed + lo)):
+        for c, (_, truncated), verdicts in zip(chunk, reqs, verdicts_per_candidate):
             skipped = sec.exclude_truncated and c["finish_reason"] == "length"
             for j, (text, score, mass) in enumerate(verdicts):
                 if skipped:

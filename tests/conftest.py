@@ -4,6 +4,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands run through jaxsr.cli.main in a test process must not fill the user's compilation cache
+# (tests/test_compilation_cache.py switches it on for its own subprocesses).
+os.environ.setdefault("JAXSR_COMPILATION_CACHE", "0")
 
 import pathlib  # noqa: E402
 

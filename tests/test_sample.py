@@ -13,6 +13,7 @@ import pytest
 from jaxsr import load_policy, make_mesh
 from jaxsr.chat import chat_token_ids, render_user_turn
 from jaxsr.policy import forward_logits
+from jaxsr import sample
 from jaxsr.sample import Completion, generate
 
 FAMILIES = ["llama2", "llama3", "llama_linear_bias", "mistral", "qwen2", "qwen3"]
@@ -138,6 +139,72 @@ def test_one_prompt_and_max_new_tokens_one(llama3, fixtures_dir):
     prompts, expected = reference(fixtures_dir, "llama3")
     (c,), = generate(llama3, prompts[:1], max_new_tokens=1, temperature=0.0, eos_token_ids=[])
     assert c.token_ids == expected[0][:1] and c.finish_reason == "length" and len(c.logprobs) == 1
+
+
+def test_a_chunk_ends_when_its_real_rows_end(llama3, fixtures_dir):
+    # EOS ids each reference row produces within 3 greedy steps: every real row ends early, while the padding
+    # rows (a batch of 8 on 8 devices holds 3 or 5 real rows) would decode to max_new_tokens if they counted.
+    prompts, expected = reference(fixtures_dir, "llama3")
+    eos = [row[2] for row in expected]
+    for kw in (dict(), dict(num_samples=3, max_batch_rows=8)):  # one chunk; two chunks of 5 rows
+        stats = {}
+        out = generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=eos, stats=stats, **kw)
+        assert all(c.finish_reason == "eos" for x in out for c in x)
+        chunks = stats["chunks"]
+        assert len(chunks) == (2 if kw else 1) and all(c["rows"] < c["batch"] for c in chunks)
+        assert sum(c["rows"] for c in chunks) == 3 * kw.get("num_samples", 1)
+        longest = max(len(c.token_ids) for x in out for c in x) + 1  # + the EOS
+        assert max(c["longest_row"] for c in chunks) == longest <= 3
+        assert [c["decode_steps"] for c in chunks] == [c["longest_row"] for c in chunks]
+
+
+def test_length_hints_put_rows_of_similar_length_into_one_chunk(llama3):
+    # 16 prompts whose greedy completions end at different steps: EOS ids taken from their completions.
+    prompts = [SHORT[i % 5][: 1 + i % 4] + [i + 3] for i in range(16)]
+    free = generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[])
+    eos = sorted({c[0].token_ids[i % 12 + 2] for i, c in enumerate(free)})
+    kw = dict(max_new_tokens=20, temperature=0.0, eos_token_ids=eos, max_batch_rows=8, progress=False)
+    by_prompt, hinted = {}, {}
+    out = generate(llama3, prompts, stats=by_prompt, **kw)
+    lengths = [len(c[0].token_ids) + (c[0].finish_reason == "eos") for c in out]
+    assert len(set(lengths)) > 2
+    assert_same(out, generate(llama3, prompts, length_hints=lengths, stats=hinted, **kw))
+    # Sorted by the true lengths, the 8 longest rows share one chunk: the other ends with the 9th longest.
+    ordered = sorted(lengths, reverse=True)
+    assert [c["decode_steps"] for c in hinted["chunks"]] == [ordered[0], ordered[8]]
+    assert sum(c["decode_steps"] for c in hinted["chunks"]) <= sum(c["decode_steps"] for c in by_prompt["chunks"])
+    with pytest.raises(ValueError, match="length_hints must hold one finite number per prompt"):
+        generate(llama3, prompts, length_hints=[1.0], **kw)
+
+
+def test_per_row_max_new_tokens(llama3, fixtures_dir):
+    prompts, expected = reference(fixtures_dir, "llama3")
+    stats = {}
+    out = only(generate(llama3, prompts, max_new_tokens=[3, 20, 7], temperature=0.0, eos_token_ids=[], stats=stats))
+    assert [c.token_ids for c in out] == [expected[0][:3], expected[1], expected[2][:7]]
+    assert all(c.finish_reason == "length" for c in out) and stats["chunks"][0]["decode_steps"] == 20
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values for 3 prompts"):
+        generate(llama3, prompts, max_new_tokens=[3, 20])
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer >= 1 \(prompt 1\)"):
+        generate(llama3, prompts, max_new_tokens=[3, 0, 4])
+
+
+def test_stop_condition_runs_on_the_device(llama3, fixtures_dir, monkeypatch):
+    # A two-state automaton that stops on the token reference row 1 produces at step 5 (and no other row
+    # produces): row 1 keeps that token and ends with "stop"; the other rows are unchanged.
+    prompts, expected = reference(fixtures_dir, "llama3")
+    k, tok = next((k, t) for k, t in enumerate(expected[1]) if k >= 5 and t not in expected[0] + expected[2])
+    table = np.zeros((llama3.config.vocab_size, 2), np.int32)
+    table[tok] = 1
+    monkeypatch.setattr(sample, "stop_table", lambda tokenizer, vocab, kind: table)
+    stats = {}
+    out = only(generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=[], stop="score", stats=stats))
+    assert out[1].token_ids == expected[1][:k + 1] and out[1].finish_reason == "stop" and len(out[1].logprobs) == k + 1
+    assert [c.token_ids for c in (out[0], out[2])] == [expected[0], expected[2]]
+    assert stats["chunks"][0]["decode_steps"] == 20
+    bare = dataclasses.replace(llama3, tokenizer=None)
+    with pytest.raises(ValueError, match="stop='score' needs the policy's tokenizer"):
+        generate(bare, prompts, max_new_tokens=4, stop="score")
 
 
 @pytest.mark.parametrize("n", [3, 13])  # fewer prompts than devices, and more but not a multiple of 8

@@ -49,10 +49,15 @@ def test_selector_selects_on_a_win_keeps_on_a_tie_stops_on_a_loss_and_replays_on
     policy = jaxsr.load_policy(LLAMA3, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     prompts = ["one", "two"]
     script, judged, seen = ["win", "tie", "loss"], [], {}
-    monkeypatch.setattr(selection, "greedy_answers", lambda pol, ps, max_new_tokens: [f"answer {p}" for p in ps])
 
-    def judge(judge_policy, ps, a, b, max_new_tokens, template):
-        assert template == selection.PAIRWISE_TEMPLATE  # the Selector's default
+    def answers(pol, ps, max_new_tokens, max_batch_rows):
+        assert max_batch_rows == 16  # the Selector's (sample.max_batch_rows in a run)
+        return [f"answer {p}" for p in ps]
+
+    monkeypatch.setattr(selection, "greedy_answers", answers)
+
+    def judge(judge_policy, ps, a, b, max_new_tokens, template, max_batch_rows):
+        assert template == selection.PAIRWISE_TEMPLATE and max_batch_rows == 16  # the Selector's default template
         ab, ba = VERDICT[script[len(judged)]]
         judged.append(len(ps))
         return [ab] * len(ps), [ba] * len(ps), 0
@@ -62,7 +67,7 @@ def test_selector_selects_on_a_win_keeps_on_a_tie_stops_on_a_loss_and_replays_on
     records = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in ("apple", "river", "stone", "cloud")]
 
     def run():
-        sel = selection.Selector(policy, prompts, tmp_path, max_new_tokens=4, judge_max_new_tokens=4)
+        sel = selection.Selector(policy, prompts, tmp_path, max_new_tokens=4, judge_max_new_tokens=4, max_batch_rows=16)
 
         def hook(step, params):
             seen[step] = jax.tree.map(np.asarray, params)

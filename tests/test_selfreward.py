@@ -46,10 +46,23 @@ def run_stages(policy, cfg, root, crash_after=None, monkeypatch=None):
     return selfreward.build_pairs(policy, root / "candidates", root / "judgements", root / "pairs", cfg, 1)
 
 
-def test_stages_deterministic_and_consistent(policy, cfg, tmp_path):
+def test_stages_deterministic_and_consistent(policy, cfg, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     stats_a = run_stages(policy, cfg, a)
+    # Run b samples in chunks of at most sample.max_batch_rows = 8 rows (18 candidates, 18 judge requests per
+    # call): the same rows, since a row's output depends only on (seed, prompt, sample).
+    cfg.sample.max_batch_rows = 8
+    calls = []
+
+    def recording_generate(*args, **kw):
+        stats = {}
+        out = jaxsr.sample.generate(*args, stats=stats, **kw)
+        calls.append(stats["chunks"])
+        return out
+
+    monkeypatch.setattr(selfreward, "generate", recording_generate)
     run_stages(policy, cfg, b)
+    assert len(calls) == 2 and all(len(c) == 3 and max(x["rows"] for x in c) <= 8 for c in calls)  # 18 rows -> 3 chunks
     for stage in ("candidates", "judgements", "pairs"):
         da, db = artifacts.read_dataset(a / stage), artifacts.read_dataset(b / stage)
         assert artifacts.content_hash(da) == artifacts.content_hash(db), stage
@@ -275,3 +288,20 @@ def test_next_block_sizes_from_the_yield():
     assert selfreward.next_block(100, 50, 80, 10_000, 8) == 100 + 66   # 30 missing at 0.5 per prompt, +10%
     assert selfreward.next_block(100, 99, 100, 10_000, 8) == 108       # at least one round
     assert selfreward.next_block(100, 0, 80, 500, 8) == 500            # no pair yet: at most the cap
+
+
+@pytest.mark.parametrize("mode, stop_at_score, want", [("sampled", True, "score"), ("expected", True, "score_marker"),
+                                                       ("sampled", False, None)])
+def test_judge_stops_where_its_score_is_read(policy, cfg, monkeypatch, mode, stop_at_score, want):
+    cfg.judge.mode, cfg.judge.stop_at_score = mode, stop_at_score
+    seen = []
+
+    def fake_generate(pol, reqs, *, num_samples, stop, **kw):
+        seen.append(stop)
+        return [[Completion([1], "yes.\nScore: 4", [0.0], "stop", 3)] * num_samples for _ in reqs]
+
+    monkeypatch.setattr(selfreward, "generate", fake_generate)
+    verdicts = selfreward.judge(policy, [[5, 6, 7]], cfg.judge, seed=0)
+    assert seen == [want] and len(verdicts[0]) == (2 if mode == "sampled" else 1)
+    if mode == "sampled":
+        assert [v[1] for v in verdicts[0]] == [4.0, 4.0]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from ..runlock import RunDirLocked
 from . import model_cmds, plan_cmd, run_cmds, train_cmds
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         ap.print_help()
         return 0
+    enable_compilation_cache()
     try:
         return int(args.fn(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RunDirLocked) as e:
@@ -56,6 +59,32 @@ def main(argv=None) -> int:
     except BaseException as e:
         _exit_if_multiprocess(f"jaxsr {args.command}: {type(e).__name__}: {e}", 1, show_traceback=True)
         raise
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled XLA programs persist across processes: $JAXSR_CACHE_DIR, else $XDG_CACHE_HOME/jaxsr/xla
+    (~/.cache/jaxsr/xla); None when JAXSR_COMPILATION_CACHE=0 switches it off."""
+    if os.environ.get("JAXSR_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    if os.environ.get("JAXSR_CACHE_DIR"):
+        return Path(os.environ["JAXSR_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxsr" / "xla"
+
+
+def enable_compilation_cache() -> Path | None:
+    """JAX's persistent compilation cache in `compilation_cache_dir()`, set once at CLI start (before anything
+    compiles), so a resumed or repeated run loads its prefill, decode and training steps instead of compiling them."""
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # JAX's defaults skip programs that compile in under a second; the sampler's per-shape programs on CPU are
+    # often just below that, and every one of them is compiled again in a resumed run.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -1,0 +1,251 @@
+"""How one chunk of rows runs on the device: the decode state, one jitted prefill and one jitted `lax.while_loop`
+decode, compiled ahead of time per chunk shape. `jaxsr.sample.generate` (the host side) splits a call into chunks
+and calls `run_chunk` on each. See docs/sampling.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import distributed
+from .model import decoder
+from .model.config import ModelConfig
+from .model.sharding import ShardingRules, batch_sharding, replicated
+from .next_token import Mode, draw_tokens, token_logprobs
+from .policy import DTYPES, Policy, param_shardings
+
+EOS_SLOTS = 4  # EOS ids are passed as an array padded to a multiple of this, so new EOS sets reuse compiled code
+
+# --- decode state and the two jitted entry points ----------------------------------------------------------
+
+class Knobs(NamedTuple):
+    """Per-call values, traced (replicated scalars) so new values reuse compiled code."""
+
+    temperature: jax.Array  # f32
+    top_p: jax.Array  # f32
+    top_k: jax.Array  # i32
+    pad_id: jax.Array  # i32
+    eos_E: jax.Array  # i32 [E], -1 = unused slot
+    stop_VxS: jax.Array  # i32 [V or 1, S]: the stop automaton's next state per (token, state); S - 1 = stop
+
+
+class _State(NamedTuple):
+    """Everything the decode loop carries. Batch-sharded except `step` (replicated)."""
+
+    cache: decoder.KVCache
+    logits_BxV: jax.Array  # float32 logits of the next token to sample
+    u_BxNxA: jax.Array  # float32 uniforms of each (row, step), drawn up front so the loop does no PRNG work
+    tokens_BxN: jax.Array  # int32, pad after a row finished
+    logprobs_BxN: jax.Array  # float32, 0 after a row finished
+    last_B: jax.Array  # int32, the token sampled last (fed next)
+    pos_B: jax.Array  # int32, its position
+    length_B: jax.Array  # int32, tokens recorded (EOS excluded)
+    done_B: jax.Array  # bool
+    eos_B: jax.Array  # bool, finished by an EOS id
+    stop_state_B: jax.Array  # int32, the stop automaton's state after the tokens so far
+    stopped_B: jax.Array  # bool, finished by the stop condition
+    max_new_B: jax.Array  # int32, the row's max_new_tokens
+    step: jax.Array  # int32 scalar, tokens sampled so far
+
+
+def _record(state: _State, knobs: Knobs, mode: Mode) -> _State:
+    """Samples token `state.step` of every row from `state.logits_BxV` and writes it (pad for finished rows)."""
+    t = state.step
+    u_BxA = jax.lax.dynamic_index_in_dim(state.u_BxNxA, t, axis=1, keepdims=False)
+    tok_B = draw_tokens(state.logits_BxV, u_BxA, knobs.temperature, knobs.top_p, knobs.top_k, mode)
+    lp_B = token_logprobs(state.logits_BxV, tok_B)
+    active_B = ~state.done_B
+    hit_eos_B = active_B & jnp.any(tok_B[:, None] == knobs.eos_E[None, :], axis=-1)
+    keep_B = active_B & ~hit_eos_B
+    V, S = knobs.stop_VxS.shape  # (1, 2) without a stop condition: state 0 forever
+    stop_state_B = knobs.stop_VxS[jnp.minimum(tok_B, V - 1), state.stop_state_B]
+    hit_stop_B = keep_B & (stop_state_B == S - 1)  # the token is kept, then the row ends
+    tok_B = jnp.where(keep_B, tok_B, knobs.pad_id)
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxN, tok_B[:, None], t, axis=1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(state.logprobs_BxN, jnp.where(keep_B, lp_B, 0.0)[:, None], t, axis=1)
+    return state._replace(
+        tokens_BxN=tokens, logprobs_BxN=logprobs, last_B=tok_B, length_B=state.length_B + keep_B,
+        done_B=state.done_B | hit_eos_B | hit_stop_B | (t + 1 >= state.max_new_B), eos_B=state.eos_B | hit_eos_B,
+        stop_state_B=jnp.where(keep_B, stop_state_B, state.stop_state_B), stopped_B=state.stopped_B | hit_stop_B,
+        step=t + 1)
+
+
+def _cache_sharding(mesh, rules: ShardingRules):
+    # Keys [B, K, E, S] and values [B, K, S, E] alike: batch over data x fsdp, kv heads over tensor.
+    return jax.sharding.NamedSharding(mesh, rules.spec(("batch", "kv_heads", "head_dim", "seq")))
+
+
+def _knob_shardings(mesh):
+    return Knobs(*([replicated(mesh)] * len(Knobs._fields)))
+
+
+def _layer_param_shardings(cfg: ModelConfig, mesh, rules: ShardingRules):
+    """Shardings of `decoder.unstack_layers`' output: the loaded ones, per layer without the layer axis."""
+    stacked = param_shardings(cfg, mesh, rules)
+    per_layer = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s.spec[1:])),
+                             stacked["layers"])
+    return {**stacked, "layers": [per_layer] * cfg.num_layers}
+
+
+@functools.lru_cache(maxsize=16)
+def unstack_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+    """Jitted: the parameters with one weight dict per layer, made once per `generate` call. Slicing a layer
+    out of the stacked weights copies it, so the prefill and decode of every chunk take these instead.
+
+    Shardings: in as loaded (FSDP x tensor), out the same per layer. Donates nothing (the policy keeps its
+    parameters); the call holds this extra copy of the layer weights while it runs.
+    """
+    return jax.jit(functools.partial(decoder.unstack_layers, num_layers=cfg.num_layers),
+                   in_shardings=(param_shardings(cfg, mesh, rules),), out_shardings=_layer_param_shardings(cfg, mesh, rules))
+
+
+@functools.lru_cache(maxsize=64)
+def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int):
+    """Jitted prefill: the prompts' keys and values in a fresh cache of P + new_bucket slots, and the logits
+    of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
+
+    Shardings: per-layer parameters (`unstack_fn`) as loaded (FSDP x tensor); prompts, logits and the
+    cache's batch over data x fsdp; the cache's kv heads over tensor. Donates nothing: its inputs are small
+    host arrays and the parameters.
+    """
+
+    def prefill(params, ids_BxP, mask_BxP):
+        B, P = ids_BxP.shape
+        cache = decoder.KVCache.zeros(cfg, B, P + new_bucket, DTYPES[dtype])
+        valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
+        h_BxPxD, cache = decoder.hidden_states(params, cfg, ids_BxP, decoder.positions_from_mask(mask_BxP), valid_BxS,
+                                               cache=cache._replace(valid_BxS=valid_BxS), cache_index=0,
+                                               dtype=DTYPES[dtype], mesh=mesh)
+        # Left padding puts every row's last prompt token in the last column: only it needs logits.
+        return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:], DTYPES[dtype])[:, 0]
+
+    b2 = batch_sharding(mesh, 2, rules)
+    layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
+    return jax.jit(prefill, in_shardings=(_layer_param_shardings(cfg, mesh, rules), b2, b2),
+                   out_shardings=(decoder.KVCache(layers, layers, b2), b2))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, prompt_bucket: int):
+    """Jitted decode: per-row random streams, then one `lax.while_loop` of (sample, feed) until every row is
+    done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, iterations of the loop) and the spent
+    (cache, logits).
+
+    Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row flags and
+    indices and the outputs over data x fsdp; the seed key and knobs replicated. Donates the cache and logits:
+    the loop carries them in the donated buffers and updates the cache in place, one slot per step.
+    """
+
+    def decode(params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B, seed_key_2,
+               knobs: Knobs):
+        B = logits_BxV.shape[0]
+        N = cache.valid_BxS.shape[1] - prompt_bucket
+        # Row (prompt i, sample j) draws all its uniforms from fold_in(fold_in(seed, i), j): a function of the
+        # row alone, whatever batch it lands in. Step t uses row t of a [N, A] draw.
+        seed_key = jax.random.wrap_key_data(seed_key_2)
+        row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(seed_key, i), j))(prompt_idx_B, sample_idx_B)
+        u_BxNxA = jax.vmap(lambda k: jax.random.uniform(k, (N, mode.uniforms), jnp.float32))(row_keys)
+        state = _State(cache=cache, logits_BxV=logits_BxV, u_BxNxA=u_BxNxA,
+                       tokens_BxN=jnp.zeros((B, N), jnp.int32), logprobs_BxN=jnp.zeros((B, N), jnp.float32),
+                       last_B=jnp.zeros((B,), jnp.int32), pos_B=jnp.sum(mask_BxP, axis=1, dtype=jnp.int32),
+                       # Padding rows are done from the start: the loop ends when the real rows end.
+                       length_B=jnp.zeros((B,), jnp.int32), done_B=~live_B,
+                       eos_B=jnp.zeros((B,), bool), stop_state_B=jnp.zeros((B,), jnp.int32),
+                       stopped_B=jnp.zeros((B,), bool), max_new_B=max_new_B, step=jnp.int32(0))
+        def feed(s: _State) -> _State:
+            slot = prompt_bucket + s.step - 1  # the slot of the token just sampled
+            valid_BxS = jax.lax.dynamic_update_slice_in_dim(s.cache.valid_BxS, jnp.ones((B, 1), bool), slot, axis=1)
+            h_Bx1xD, cache = decoder.hidden_states(params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
+                                                   cache=s.cache._replace(valid_BxS=valid_BxS), cache_index=slot,
+                                                   dtype=DTYPES[dtype], mesh=mesh)
+            return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD, DTYPES[dtype])[:, 0], pos_B=s.pos_B + 1)
+
+        def body(s: _State) -> _State:
+            # The forward after the last token is wasted, but skipping it with a lax.cond makes XLA copy the
+            # cache through the conditional every step (2x slower on CPU).
+            return feed(_record(s, knobs, mode))
+
+        s = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), body, state)
+        # The cache and logits go back out only so their donated buffers alias the loop's (no copy in).
+        return (s.tokens_BxN, s.logprobs_BxN, s.length_B, s.eos_B, s.stopped_B, s.step), (s.cache, s.logits_BxV)
+
+    b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
+    layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
+    return jax.jit(decode,
+                   in_shardings=(_layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1, b1, b1,
+                                 replicated(mesh), _knob_shardings(mesh)),
+                   out_shardings=((b2, b2, b1, b1, b1, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int, prompt_bucket: int,
+              new_bucket: int, eos_slots: int, stop_shape: tuple[int, int]):
+    """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
+    chunks running in parallel threads never compile the same program twice."""
+    B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
+    sds = jax.ShapeDtypeStruct
+    b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
+    shapes = decoder.param_shapes(cfg)
+    shapes["layers"] = [{k: v[1:] for k, v in shapes["layers"].items()}] * cfg.num_layers
+    params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), shapes,
+                          _layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
+    ids, mask = sds((B, P), jnp.int32, sharding=b2), sds((B, P), bool, sharding=b2)
+    prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket).lower(params, ids, mask).compile()
+    K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    k_layer = sds((B, K, E, S), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
+    v_layer = sds((B, K, S, E), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
+    cache = decoder.KVCache((k_layer,) * L, (v_layer,) * L, sds((B, S), bool, sharding=b2))
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+    knobs = Knobs(sds((), jnp.float32, sharding=rep), sds((), jnp.float32, sharding=rep), sds((), jnp.int32, sharding=rep),
+                  sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep),
+                  sds(stop_shape, jnp.int32, sharding=rep))
+    row_i32 = sds((B,), jnp.int32, sharding=b1)
+    decode = _decode_fn(cfg, mesh, dtype, rules, mode, P).lower(
+        params, cache, sds((B, V), jnp.float32, sharding=b2), mask, sds((B,), bool, sharding=b1), row_i32, row_i32,
+        row_i32, sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
+    return prefill, decode
+
+
+def run_chunk(policy: Policy, layer_params, ids, max_new, chunk, shape: tuple[int, int], *, new_bucket, mode, knobs,
+              seed_key_2):
+    """Prefill + decode of one chunk of (prompt, sample) rows padded to `shape` = (batch, prompt bucket);
+    `max_new[i]`: prompt i's max_new_tokens.
+
+    Returns ({row: (token ids, logprobs, finish reason)}, the decode loop's iterations).
+    """
+    B, P = shape
+    ids_BxP = np.full((B, P), knobs.pad_id, np.int32)
+    mask_BxP = np.zeros((B, P), bool)
+    live_B = np.zeros((B,), bool)
+    max_new_B = np.ones((B,), np.int32)
+    prompt_idx_B = np.zeros((B,), np.int32)
+    sample_idx_B = np.zeros((B,), np.int32)
+    for r, (i, j) in enumerate(chunk):
+        n = len(ids[i])
+        ids_BxP[r, P - n:] = ids[i]
+        mask_BxP[r, P - n:] = True
+        live_B[r], max_new_B[r], prompt_idx_B[r], sample_idx_B[r] = True, max_new[i], i, j
+    # Padding rows get one real token so their (discarded) attention is well defined.
+    mask_BxP[len(chunk):, -1] = True
+    prefill, decode = programs(policy.config, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket,
+                               len(knobs.eos_E), knobs.stop_VxS.shape)
+    # Every process builds the same chunk; each device is given only its own rows (see jaxsr.distributed).
+    b1, b2 = batch_sharding(policy.mesh, 1, policy.rules), batch_sharding(policy.mesh, 2, policy.rules)
+    rep = replicated(policy.mesh)
+    ids_BxP, mask_BxP = distributed.global_array(ids_BxP, b2), distributed.global_array(mask_BxP, b2)
+    live_B, max_new_B, prompt_idx_B, sample_idx_B = (distributed.global_array(x, b1)
+                                                     for x in (live_B, max_new_B, prompt_idx_B, sample_idx_B))
+    knobs = Knobs(*(distributed.global_array(k, rep) for k in knobs))
+    cache, logits_BxV = prefill(layer_params, ids_BxP, mask_BxP)
+    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B,
+                    distributed.global_array(seed_key_2, rep), knobs)
+    # Batch-sharded across processes: gathered whole onto every process.
+    tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, steps = distributed.to_host(out)
+    reasons = np.where(eos_B, "eos", np.where(stopped_B, "stop", "length"))
+    return ({row: (tokens_BxN[r, :length_B[r]].tolist(), logprobs_BxN[r, :length_B[r]].tolist(), str(reasons[r]))
+             for r, row in enumerate(chunk)}, int(steps))
