@@ -152,7 +152,8 @@ def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
                                                    rows[j]["judge_text"]))
         # A request longer than the context loses the start of its rubric (left truncation), never the judgements.
         outs = generate(policy, chat_token_ids(tok, requests), max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo, truncate_prompts=True)
+                        temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo, truncate_prompts=True,
+                        max_batch_rows=cfg.sample.max_batch_rows)
         texts = iter(o[0].text for o in outs)
         return [{"prompt_id": key[0], "candidate_id": key[1], "first": i, "second": j, "meta_text": (t := next(texts)),
                  "verdict": parse_winner(t)} for key, _ in chunk for i, j in order]

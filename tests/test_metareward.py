@@ -127,7 +127,7 @@ def test_the_loop_with_meta_rewarding_trains_dpo_on_actor_and_judge_pairs(tmp_pa
     from jaxsr.sample import Completion
     from test_stages import _cfg
 
-    def judge(policy, request_ids, sec, seed):
+    def judge(policy, request_ids, sec, seed, **kw):
         rng = random.Random(seed)
         return [[(f"Score: {s}", float(s), []) for s in (rng.randint(0, 5) for _ in range(3))]
                 for _ in request_ids]

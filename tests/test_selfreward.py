@@ -171,6 +171,9 @@ class _Env:
     def has_prompt_source(self):
         return True
 
+    def has_prompt_grader(self):
+        return False
+
     WORDS = ("river apple stone cloud violin garden lantern copper meadow falcon harbor pepper marble canyon "
              "orchid thunder velvet glacier saddle compass ember willow quartz tunnel").split()
 
