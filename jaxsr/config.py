@@ -50,6 +50,12 @@ def check_model_dir(key: str, value: str) -> None:
                                f"in {tok}); it reads and writes text, so it needs its own")
 
 
+def _sampling(section: str, temperature: float, top_p: float) -> None:
+    _positive(f"{section}.temperature", temperature, zero_ok=True)
+    if not 0 < top_p <= 1:
+        raise ConfigValueError(f"{section}.top_p={top_p!r} must be in (0, 1]")
+
+
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh sizes (one may be -1: "the remaining devices").
@@ -221,9 +227,7 @@ class SampleSection:
     def __post_init__(self):
         _positive("sample.num_samples", self.num_samples)
         _positive("sample.max_new_tokens", self.max_new_tokens)
-        _positive("sample.temperature", self.temperature, zero_ok=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigValueError(f"sample.top_p={self.top_p!r} must be in (0, 1]")
+        _sampling("sample", self.temperature, self.top_p)
         _positive("sample.top_k", self.top_k, zero_ok=True)
         _positive("sample.max_batch_rows", self.max_batch_rows)
 
@@ -372,9 +376,7 @@ class PromptsSection:
 
     def __post_init__(self):
         _positive("prompts.num_prompts", self.num_prompts)
-        _positive("prompts.temperature", self.temperature, zero_ok=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigValueError(f"prompts.top_p={self.top_p!r} must be in (0, 1]")
+        _sampling("prompts", self.temperature, self.top_p)
         if not 0 < self.max_rouge <= 1:
             raise ConfigValueError(f"prompts.max_rouge={self.max_rouge!r} must be in (0, 1]")
         _positive("prompts.requests_per_round", self.requests_per_round)
@@ -434,8 +436,7 @@ class JudgeSection:
         _choice("judge.mode", self.mode, ("sampled", "expected"))
         _positive("judge.num_judgements", self.num_judgements)
         _positive("judge.max_new_tokens", self.max_new_tokens)
-        if not 0 < self.top_p <= 1:
-            raise ConfigValueError(f"judge.top_p={self.top_p!r} must be in (0, 1]")
+        _sampling("judge", self.temperature, self.top_p)
 
 
 @dataclasses.dataclass
@@ -504,9 +505,7 @@ class MetaSection:
     def __post_init__(self):
         _positive("meta.responses", self.responses)
         _positive("meta.max_new_tokens", self.max_new_tokens)
-        _positive("meta.temperature", self.temperature, zero_ok=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigValueError(f"meta.top_p={self.top_p!r} must be in (0, 1]")
+        _sampling("meta", self.temperature, self.top_p)
 
 
 def _sft_defaults() -> SftSection:
