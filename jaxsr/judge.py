@@ -98,6 +98,23 @@ def render_judge_prompt(template: str, instruction: str, response: str) -> str:
     return re.sub("|".join(map(re.escape, _SLOTS)), lambda m: fill[m.group(0)], template)
 
 
+# The Meta-Rewarding meta-judge's request (jaxsr.metareward, Wu et al. 2024): the judge's rubric with the
+# instruction and response filled in, then two judgements of the response to compare.
+JUDGEMENT_A, JUDGEMENT_B = "<JUDGEMENT_A_HERE>", "<JUDGEMENT_B_HERE>"
+META_INSTRUCTION = (
+    "\n\nReview the user's question and the corresponding response, along with two judgements of it. Decide which "
+    "judgement is more accurate according to the rubric above.\n\nJudgement A:\n" + JUDGEMENT_A
+    + "\n\nJudgement B:\n" + JUDGEMENT_B
+    + '\n\nConclude with a clear statement of which judgement is better using the format: '
+      '"Winner: [Judgement A | Judgement B]"')
+
+
+def render_meta_prompt(judge_template: str, instruction: str, response: str, a: str, b: str) -> str:
+    """The meta-judge's request: `judge_template` filled in, then judgements `a` and `b` to compare."""
+    return render_judge_prompt(judge_template, instruction, response) + (
+        META_INSTRUCTION.replace(JUDGEMENT_A, a).replace(JUDGEMENT_B, b))
+
+
 def _read_template(text: str) -> str:
     # Files end with a newline by convention; it is not part of the prompt.
     return text[:-1] if text.endswith("\n") else text

@@ -25,18 +25,11 @@ import numpy as np
 
 from . import artifacts
 from .chat import chat_token_ids
-from .judge import parse_score, render_judge_prompt
+from .judge import META_INSTRUCTION, render_judge_prompt, render_meta_prompt  # noqa: F401 (re-exported)
 from .sample import generate
 from .stages import Context, Stage, map_rows, write_rows
 
 ELO_SCALE, ELO_INIT = 400.0, 1000.0  # as NeMo-Aligner's meta-judge (PAPER.md §7.1)
-JUDGEMENT_A, JUDGEMENT_B = "<JUDGEMENT_A_HERE>", "<JUDGEMENT_B_HERE>"
-META_INSTRUCTION = (
-    "\n\nReview the user's question and the corresponding response, along with two judgements of it. Decide which "
-    "judgement is more accurate according to the rubric above.\n\nJudgement A:\n" + JUDGEMENT_A
-    + "\n\nJudgement B:\n" + JUDGEMENT_B
-    + '\n\nConclude with a clear statement of which judgement is better using the format: '
-      '"Winner: [Judgement A | Judgement B]"')
 META_FEATURES = datasets.Features({"prompt_id": datasets.Value("int64"), "candidate_id": datasets.Value("int64"),
                                    "first": datasets.Value("int64"), "second": datasets.Value("int64"),
                                    "meta_text": datasets.Value("string"), "verdict": datasets.Value("string")})
@@ -47,12 +40,6 @@ def parse_winner(text: str) -> str | None:
     """"A" or "B" from the meta-judge's last "Winner: Judgement X" (also "Winner: A", "Winner: [Judgment B]")."""
     found = _WINNER.findall(text or "")
     return found[-1].upper() if found else None
-
-
-def render_meta_prompt(judge_template: str, instruction: str, response: str, a: str, b: str) -> str:
-    """The judge's rubric with the instruction and response filled in, then the two judgements to compare."""
-    return render_judge_prompt(judge_template, instruction, response) + (
-        META_INSTRUCTION.replace(JUDGEMENT_A, a).replace(JUDGEMENT_B, b))
 
 
 def position_weights(verdicts: Sequence[tuple[str | None]]) -> tuple[float, float]:

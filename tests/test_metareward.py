@@ -165,3 +165,25 @@ def test_the_loop_with_meta_rewarding_trains_dpo_on_actor_and_judge_pairs(tmp_pa
         # The judge request the judgements answered: the environment's template, filled in.
         assert p["prompt"].startswith(JUDGE_TEMPLATE.split("<INSTRUCTION_HERE>")[0]) and "<RESPONSE_HERE>" not in p["prompt"]
         assert np.isfinite(p["ref_chosen_logps"]) and np.isfinite(p["ref_rejected_logps"])
+
+
+def test_world_meta_eft_rows_name_the_right_judgement_and_leave_other_splits_alone():
+    from jaxsr.world.data import world_records
+    from jaxsr.world.tasks import grade, judge_target
+
+    sizes = dict(num_ift=20, num_eft=20, num_eval=10, num_rm_eval=10)
+    plain, with_meta = world_records(3, **sizes), world_records(3, **sizes, num_meta_eft=30)
+    assert {k: v for k, v in with_meta.items() if k != "eft"} == {k: v for k, v in plain.items() if k != "eft"}
+    assert with_meta["eft"][:20] == plain["eft"][:20]
+    meta = with_meta["eft"][20:]
+    assert len(meta) == 30 and {m["response"] for m in meta} == {"Winner: Judgement A", "Winner: Judgement B"}
+    for m in meta:
+        import json
+
+        spec = json.loads(m["spec"])
+        right = judge_target(spec, m["candidate"])
+        winner = m["response"][-1]
+        shown = {x: m["prompt"].split(f"Judgement {x}:\n")[1].split("\n\n")[0] for x in "AB"}
+        assert shown[winner] == right and shown["B" if winner == "A" else "A"] != right
+        assert m["score"] == grade(spec, m["candidate"])[0]
+        assert mr.parse_winner(m["response"]) == winner

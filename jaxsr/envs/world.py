@@ -26,18 +26,22 @@ class World(Environment):
         Attributes:
           ift / eft: SFT examples (perfect answers) and judge-training examples (graded degraded answers).
           eval: held-out instructions for the world score; rm_eval: held-out ranked candidates for the judge.
+          meta_eft: meta-judge examples added to EFT (which of two judgements of a response is right), so that
+            Meta-Rewarding's meta-judge (meta.enabled) is trained on the format it is asked in.
         """
 
         ift: int = 2000
         eft: int = 2000
         eval: int = 200
         rm_eval: int = 100
+        meta_eft: int = 0
 
     def seed_data(self, seed: int) -> dict[str, list[dict]]:
         from ..world.data import world_records
 
         o = self.options
-        return world_records(seed=seed, num_ift=o.ift, num_eft=o.eft, num_eval=o.eval, num_rm_eval=o.rm_eval)
+        return world_records(seed=seed, num_ift=o.ift, num_eft=o.eft, num_eval=o.eval, num_rm_eval=o.rm_eval,
+                             num_meta_eft=o.meta_eft)
 
     def new_prompts(self, seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
         # The tiny model is not trained to write instructions, so the world's task sampler plays the paper's

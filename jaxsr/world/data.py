@@ -13,7 +13,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from ..judge import load_judge_template, render_judge_prompt
+from ..judge import load_judge_template, render_judge_prompt, render_meta_prompt
 from .tasks import Task, degraded_response, grade, judge_target, perfect_response, sample_task
 
 SPLITS = ("ift", "eft", "eval", "rm_eval", "seed_prompts")
@@ -67,8 +67,23 @@ def eft_row(task: Task, candidate: str, template: str = WORLD_JUDGE_TEMPLATE) ->
             "candidate": candidate, "score": grade(task, candidate)[0], "spec": json.dumps(task.spec, sort_keys=True)}
 
 
+def meta_eft_row(task: Task, rng: random.Random, template: str = WORLD_JUDGE_TEMPLATE) -> dict:
+    """One meta-judge training example (Meta-Rewarding, jaxsr.metareward): a response, its right judgement and the
+    judgement of another response to the same task (a wrong score), in a random order; the target names the right
+    one in the meta-judge's format."""
+    level = rng.randrange(6)
+    candidate = degraded_response(task, rng, level)
+    right = judge_target(task, candidate)
+    wrong = judge_target(task, degraded_response(task, rng, rng.choice([x for x in range(6) if x != level])))
+    right_first = rng.random() < 0.5
+    a, b = (right, wrong) if right_first else (wrong, right)
+    return {"prompt": render_meta_prompt(template, task.instruction, candidate, a, b),
+            "response": f"Winner: Judgement {'A' if right_first else 'B'}", "instruction": task.instruction,
+            "candidate": candidate, "score": grade(task, candidate)[0], "spec": json.dumps(task.spec, sort_keys=True)}
+
+
 def world_records(seed: int = 0, num_ift: int = 2000, num_eft: int = 2000, num_eval: int = 200,
-                  num_rm_eval: int = 100, num_candidates: int = 4) -> dict[str, list[dict]]:
+                  num_rm_eval: int = 100, num_candidates: int = 4, num_meta_eft: int = 0) -> dict[str, list[dict]]:
     """All splits as lists of dicts (see SPLITS and docs/world.md for the columns)."""
     eval_tasks = _unique_tasks(_rng(seed, "eval"), num_eval, set())
     rm_tasks = _unique_tasks(_rng(seed, "rm_eval"), num_rm_eval, {t.instruction for t in eval_tasks})
@@ -87,6 +102,9 @@ def world_records(seed: int = 0, num_ift: int = 2000, num_eft: int = 2000, num_e
     for _ in range(num_eft):
         task = _train_task(rng, held_out)
         eft.append(eft_row(task, degraded_response(task, rng, rng.randrange(6))))
+    # Meta-judge rows (the world option meta_eft) from their own stream: the other splits stay as they were.
+    rng = _rng(seed, "meta_eft")
+    eft += [meta_eft_row(_train_task(rng, held_out), rng) for _ in range(num_meta_eft)]
 
     seed_prompts = list(dict.fromkeys(r["prompt"] for r in ift))
     return {
