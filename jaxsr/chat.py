@@ -91,14 +91,15 @@ def load_chat_tokenizer(path, model) -> Any:
     return set_chat_template(load_tokenizer(path), model.chat_template, model=str(path))
 
 
-def load_chat_policy(path, model, mesh, *, sample_only: bool = False):
+def load_chat_policy(path, model, mesh, *, sample_only: bool = False, decode_tensor: int | None = None):
     """A policy of the run (M0 from `model.path`, or M_t) with `model`'s dtypes and chat template; the tokenizer is
     checked before the weights load. `sample_only`: a model that never trains (a fixed judge) is stored in the
-    compute dtype, without float32 master weights."""
+    compute dtype, without float32 master weights. `decode_tensor`: the sampler's tensor-parallel size
+    (`sample.decode_tensor`; None: automatic)."""
     import dataclasses
 
     from .policy import load_policy
 
     tokenizer = load_chat_tokenizer(path, model)
     dtypes = {"dtype": model.dtype, "param_dtype": model.dtype} if sample_only else model.dtypes
-    return dataclasses.replace(load_policy(path, **dtypes, mesh=mesh), tokenizer=tokenizer)
+    return dataclasses.replace(load_policy(path, **dtypes, mesh=mesh), tokenizer=tokenizer, decode_tensor=decode_tensor)

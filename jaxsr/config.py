@@ -215,6 +215,9 @@ class SampleSection:
     Attributes:
       max_batch_rows: rows (one sample of one prompt) per chunk of every sampling call of a run: prompts,
         candidates, judgements, evaluation, head-to-head and checkpoint selection. Results do not depend on it.
+      decode_tensor: the tensor-parallel size of the sampler's layout (weights split over `tensor` devices, the
+        others data-parallel replicas; docs/sampling.md); null: the largest that fits the devices and the model
+        (at most 8). Results do not depend on it.
     """
 
     num_samples: int = 4
@@ -223,6 +226,7 @@ class SampleSection:
     top_p: float = 0.9
     top_k: int = 0
     max_batch_rows: int = 256
+    decode_tensor: Optional[int] = None
 
     def __post_init__(self):
         _positive("sample.num_samples", self.num_samples)
@@ -230,6 +234,8 @@ class SampleSection:
         _sampling("sample", self.temperature, self.top_p)
         _positive("sample.top_k", self.top_k, zero_ok=True)
         _positive("sample.max_batch_rows", self.max_batch_rows)
+        if self.decode_tensor is not None:
+            _positive("sample.decode_tensor", self.decode_tensor)
 
 
 @dataclasses.dataclass

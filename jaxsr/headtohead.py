@@ -138,7 +138,7 @@ def _policy(ctx, path: Path) -> Policy:
         name = path.name
         return ctx.policy(int(name[1:]) if name[:1] == "M" and name[1:].isdigit() else name)
     ctx.release_models()  # one model on the devices at a time
-    return load_chat_policy(path, ctx.cfg.model, ctx.mesh, sample_only=True)
+    return load_chat_policy(path, ctx.cfg.model, ctx.mesh, sample_only=True, decode_tensor=ctx.cfg.sample.decode_tensor)
 
 
 def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: Sequence[str], *,

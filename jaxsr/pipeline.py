@@ -13,6 +13,7 @@ define a `Stage` and insert it here (docs/architecture.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -69,7 +70,7 @@ def initial_policy(ctx: Context) -> Policy:
     """M0: `model.path`, or a random decoder of `model.architecture` with the configured tokenizer."""
     cfg = ctx.cfg
     if cfg.model.path:
-        return load_chat_policy(cfg.model.path, cfg.model, ctx.mesh)
+        return load_chat_policy(cfg.model.path, cfg.model, ctx.mesh, decode_tensor=cfg.sample.decode_tensor)
     from .model.config import ModelConfig
 
     tok = m0_tokenizer(ctx)
@@ -81,7 +82,8 @@ def initial_policy(ctx: Context) -> Policy:
                        tie_word_embeddings=a.tie_word_embeddings, bos_token_id=tok.bos_token_id,
                        eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
     mesh = ctx.mesh if ctx.mesh is not None else cfg.mesh.build(mcfg.hidden_size)
-    return random_policy(mcfg, seed=cfg.model.init_seed, **cfg.model.dtypes, mesh=mesh, tokenizer=tok)
+    policy = random_policy(mcfg, seed=cfg.model.init_seed, **cfg.model.dtypes, mesh=mesh, tokenizer=tok)
+    return dataclasses.replace(policy, decode_tensor=cfg.sample.decode_tensor)
 
 
 def promote(src: Path, dst: Path, *, copy: bool = False) -> None:
@@ -122,6 +124,7 @@ def _dpo(ctx: Context) -> dict | None:
     work, sec = ctx.paths.train(f"dpo{ctx.t}"), ctx.cfg.dpo
     if not sec.eval_every:
         judge_pairs = judge_pairs_for(ctx)
+        ctx.policy().release_decode()  # the sampler's copy of M_t's weights: training needs the memory
         train_dpo(ctx.policy(), pairs + judge_pairs, sec, work, remat=ctx.cfg.model.remat)
         promote(work / "final", ctx.path("M_next"))
         return {"train_pairs": len(pairs) + len(judge_pairs), "judge_pairs": len(judge_pairs)}
@@ -138,10 +141,12 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
     judge_pairs = judge_pairs_for(ctx)  # added after the hold-out: validation prompts are never judge requests
     pairs += judge_pairs
     base = ctx.policy()
-    judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh, sample_only=True) if sec.selection_judge else base
+    judge = load_chat_policy(sec.selection_judge, cfg.model, ctx.mesh, sample_only=True,
+                             decode_tensor=cfg.sample.decode_tensor) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
                    judge_max_new_tokens=cfg.judge.max_new_tokens, max_batch_rows=cfg.sample.max_batch_rows,
                    template=evaluate.load_pairwise_template(cfg.judge.pairwise_template))
+    base.release_decode()  # made again only if the selection judge is M_t
     train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
     src = sel.selected_dir()
     promote(src or ctx.path("M_t"), ctx.path("M_next"), copy=src is None)

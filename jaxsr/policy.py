@@ -45,6 +45,9 @@ class Policy:
         weights) and inference uses `for_compute()`, a copy in `dtype` made once.
       hf_config: the config.json the model came from (kept so export writes back fields we do not model).
       generation_config: generation_config.json contents (EOS ids, ...), or {}.
+      rules: the logical-axis rules `params` are sharded by on `mesh`.
+      decode_tensor: the tensor-parallel size of the sampler's layout (`for_decode`); None: chosen from the
+        devices and the model.
     """
 
     config: ModelConfig
@@ -55,8 +58,10 @@ class Policy:
     hf_config: dict | None = None
     generation_config: dict = dataclasses.field(default_factory=dict)
     rules: ShardingRules = DEFAULT_RULES
-    # The compute-dtype copy for_compute() made; dataclasses.replace (with_params, a trained policy) drops it.
+    decode_tensor: int | None = None
+    # The copies for_compute() and for_decode() made; dataclasses.replace (with_params, a trained policy) drops them.
     _compute: "Policy | None" = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _decode: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def param_dtype(self) -> str:
@@ -72,6 +77,20 @@ class Policy:
             self._compute = self.with_params(_cast(self.params, self.dtype, param_shardings(self.config, self.mesh,
                                                                                             self.rules)))
         return self._compute
+
+    def for_decode(self):
+        """The sampler's copy of this policy (`jaxsr.decode_layout.DecodeModel`): the parameters in the compute
+        dtype, tensor-parallel without FSDP on a (data, 1, decode_tensor) mesh of the same devices. Made on the
+        first call and kept until `release_decode()` (or a `with_params`, which makes a new policy)."""
+        from .decode_layout import build  # the sampler's layer, below this one
+
+        if self._decode is None:
+            self._decode = build(self, self.decode_tensor)
+        return self._decode
+
+    def release_decode(self) -> None:
+        """Frees the sampler's copy (before training from this policy, which needs the memory)."""
+        self._decode = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

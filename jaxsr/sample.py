@@ -6,7 +6,8 @@ left-padded into static buckets (batch, prompt length, new tokens), prefilled in
 second: the whole decode is a single `while_loop` over a preallocated cache that stops once every row has hit
 an EOS id or `max_new_tokens`. Sampling is a pure function of (logits, per-row key), and each row's key is
 derived from (seed, prompt index, sample index) only, so completions do not depend on the mesh, the batch
-padding or the chunking. See docs/sampling.md.
+padding or the chunking. The chunks run on the policy's decode layout (`Policy.for_decode`: tensor-parallel
+weights in the compute dtype, no FSDP, rows over the data-parallel replicas). See docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .data import bucket
 from .model.sharding import batch_multiple
 from .next_token import sampling_mode
 from .policy import Policy
-from .sampler import EOS_SLOTS, Knobs, programs, run_chunk, unstack_fn
+from .sampler import EOS_SLOTS, Knobs, programs, run_chunk
 from .stop import stop_table
 
 DEFAULT_MAX_BATCH_ROWS = 256
@@ -172,7 +173,8 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         raise ValueError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
     if len(prompts) == 0:
         return []
-    policy = policy.for_compute()  # parameters in the compute dtype (the KV cache's), cast once per policy
+    # The weights in the compute dtype (the KV cache's) on the decode layout, made once per policy.
+    model = policy.for_decode()
     cfg = policy.config
     budgets = _budgets(max_new_tokens, len(prompts))
     ids = [_fit(p, i, budgets[i], cfg.max_position_embeddings, truncate_prompts)
@@ -191,7 +193,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
                   np.int32(pad_id), eos_E, stop_VxS)
     seed_key_2 = np.asarray(jax.random.key_data(jax.random.key(seed)))
     new_bucket = bucket(max(budgets), fine=True)
-    multiple = batch_multiple(policy.mesh)
+    multiple = batch_multiple(model.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
     # Length-aware chunks: rows sorted by expected new tokens, then prompt length (longest first), so a chunk
@@ -200,18 +202,17 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     expected = budgets if length_hints is None else _hints(length_hints, len(ids))
     rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)),
                   key=lambda r: (-expected[r[0]], -len(ids[r[0]])))
-    concurrency = concurrency or _default_concurrency(policy.mesh)
+    concurrency = concurrency or _default_concurrency(model.mesh)
     if jax.process_count() > 1:
         # Every process must launch the same collective programs in the same order; threads would not.
         concurrency = 1
     size = -(-len(rows) // max(-(-len(rows) // cap), min(concurrency, len(rows))))
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
     shapes = [_chunk_shape(ids, chunk, multiple, cap) for chunk in chunks]
-    layer_params = unstack_fn(cfg, policy.mesh, policy.dtype, policy.rules)(policy.params)
-    run = functools.partial(run_chunk, policy, layer_params, ids, budgets, new_bucket=new_bucket, mode=mode, knobs=knobs,
+    run = functools.partial(run_chunk, model, ids, budgets, new_bucket=new_bucket, mode=mode, knobs=knobs,
                             seed_key_2=seed_key_2)
     for B, P in sorted(set(shapes)):
-        programs(cfg, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket, len(eos_E),
+        programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket, len(eos_E),
                  stop_VxS.shape)  # compile here, once
     results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
     steps: dict[int, int] = {}

@@ -1,6 +1,7 @@
 """How one chunk of rows runs on the device: the decode state, one jitted prefill and one jitted `lax.while_loop`
 decode, compiled ahead of time per chunk shape. `jaxsr.sample.generate` (the host side) splits a call into chunks
-and calls `run_chunk` on each. See docs/sampling.md.
+and calls `run_chunk` on each. The programs take any (mesh, rules); `generate` runs them on the decode layout
+(`jaxsr.decode_layout`). See docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from . import distributed
 from .model import decoder
 from .model.config import ModelConfig
 from .model.sharding import ShardingRules, batch_sharding, replicated
+from .decode_layout import DecodeModel, layer_param_shardings
 from .next_token import Mode, draw_tokens, token_logprobs
-from .policy import DTYPES, Policy, param_shardings
+from .policy import DTYPES
 
 EOS_SLOTS = 4  # EOS ids are passed as an array padded to a multiple of this, so new EOS sets reuse compiled code
 
@@ -76,7 +78,8 @@ def _record(state: _State, knobs: Knobs, mode: Mode) -> _State:
 
 
 def _cache_sharding(mesh, rules: ShardingRules):
-    # Keys [B, K, E, S] and values [B, K, S, E] alike: batch over data x fsdp, kv heads over tensor.
+    # Keys [B, K, E, S] and values [B, K, S, E] alike: rows and kv heads as the rules say (the decode layout:
+    # rows over data, kv heads over tensor).
     return jax.sharding.NamedSharding(mesh, rules.spec(("batch", "kv_heads", "head_dim", "seq")))
 
 
@@ -84,34 +87,14 @@ def _knob_shardings(mesh):
     return Knobs(*([replicated(mesh)] * len(Knobs._fields)))
 
 
-def _layer_param_shardings(cfg: ModelConfig, mesh, rules: ShardingRules):
-    """Shardings of `decoder.unstack_layers`' output: the loaded ones, per layer without the layer axis."""
-    stacked = param_shardings(cfg, mesh, rules)
-    per_layer = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s.spec[1:])),
-                             stacked["layers"])
-    return {**stacked, "layers": [per_layer] * cfg.num_layers}
-
-
-@functools.lru_cache(maxsize=16)
-def unstack_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
-    """Jitted: the parameters with one weight dict per layer, made once per `generate` call. Slicing a layer
-    out of the stacked weights copies it, so the prefill and decode of every chunk take these instead.
-
-    Shardings: in as loaded (FSDP x tensor), out the same per layer. Donates nothing (the policy keeps its
-    parameters); the call holds this extra copy of the layer weights while it runs.
-    """
-    return jax.jit(functools.partial(decoder.unstack_layers, num_layers=cfg.num_layers),
-                   in_shardings=(param_shardings(cfg, mesh, rules),), out_shardings=_layer_param_shardings(cfg, mesh, rules))
-
-
 @functools.lru_cache(maxsize=64)
 def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int):
     """Jitted prefill: the prompts' keys and values in a fresh cache of P + new_bucket slots, and the logits
     of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
 
-    Shardings: per-layer parameters (`unstack_fn`) as loaded (FSDP x tensor); prompts, logits and the
-    cache's batch over data x fsdp; the cache's kv heads over tensor. Donates nothing: its inputs are small
-    host arrays and the parameters.
+    Shardings: per-layer parameters (`DecodeModel.params`) by `rules` (the decode layout: tensor-parallel, no
+    FSDP); prompts, logits and the cache's rows over the batch axes; the cache's kv heads over tensor. Donates
+    nothing: its inputs are small host arrays and the parameters.
     """
 
     def prefill(params, ids_BxP, mask_BxP):
@@ -120,13 +103,13 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
         valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
         h_BxPxD, cache = decoder.hidden_states(params, cfg, ids_BxP, decoder.positions_from_mask(mask_BxP), valid_BxS,
                                                cache=cache._replace(valid_BxS=valid_BxS), cache_index=0,
-                                               dtype=DTYPES[dtype], mesh=mesh)
+                                               dtype=DTYPES[dtype], mesh=mesh, rules=rules)
         # Left padding puts every row's last prompt token in the last column: only it needs logits.
         return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:], DTYPES[dtype])[:, 0]
 
     b2 = batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
-    return jax.jit(prefill, in_shardings=(_layer_param_shardings(cfg, mesh, rules), b2, b2),
+    return jax.jit(prefill, in_shardings=(layer_param_shardings(cfg, mesh, rules), b2, b2),
                    out_shardings=(decoder.KVCache(layers, layers, b2), b2))
 
 
@@ -137,7 +120,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
     (cache, logits).
 
     Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row flags and
-    indices and the outputs over data x fsdp; the seed key and knobs replicated. Donates the cache and logits:
+    indices and the outputs over the batch axes; the seed key and knobs replicated. Donates the cache and logits:
     the loop carries them in the donated buffers and updates the cache in place, one slot per step.
     """
 
@@ -162,7 +145,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(s.cache.valid_BxS, jnp.ones((B, 1), bool), slot, axis=1)
             h_Bx1xD, cache = decoder.hidden_states(params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
                                                    cache=s.cache._replace(valid_BxS=valid_BxS), cache_index=slot,
-                                                   dtype=DTYPES[dtype], mesh=mesh)
+                                                   dtype=DTYPES[dtype], mesh=mesh, rules=rules)
             return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD, DTYPES[dtype])[:, 0], pos_B=s.pos_B + 1)
 
         def body(s: _State) -> _State:
@@ -177,7 +160,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
     b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
     return jax.jit(decode,
-                   in_shardings=(_layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1, b1, b1,
+                   in_shardings=(layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1, b1, b1,
                                  replicated(mesh), _knob_shardings(mesh)),
                    out_shardings=((b2, b2, b1, b1, b1, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
 
@@ -193,7 +176,7 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
     shapes = decoder.param_shapes(cfg)
     shapes["layers"] = [{k: v[1:] for k, v in shapes["layers"].items()}] * cfg.num_layers
     params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), shapes,
-                          _layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
+                          layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
     ids, mask = sds((B, P), jnp.int32, sharding=b2), sds((B, P), bool, sharding=b2)
     prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket).lower(params, ids, mask).compile()
     K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
@@ -211,10 +194,10 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
     return prefill, decode
 
 
-def run_chunk(policy: Policy, layer_params, ids, max_new, chunk, shape: tuple[int, int], *, new_bucket, mode, knobs,
+def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int], *, new_bucket, mode, knobs,
               seed_key_2):
-    """Prefill + decode of one chunk of (prompt, sample) rows padded to `shape` = (batch, prompt bucket);
-    `max_new[i]`: prompt i's max_new_tokens.
+    """Prefill + decode of one chunk of (prompt, sample) rows padded to `shape` = (batch, prompt bucket) on
+    `model`'s layout; `max_new[i]`: prompt i's max_new_tokens.
 
     Returns ({row: (token ids, logprobs, finish reason)}, the decode loop's iterations).
     """
@@ -232,17 +215,17 @@ def run_chunk(policy: Policy, layer_params, ids, max_new, chunk, shape: tuple[in
         live_B[r], max_new_B[r], prompt_idx_B[r], sample_idx_B[r] = True, max_new[i], i, j
     # Padding rows get one real token so their (discarded) attention is well defined.
     mask_BxP[len(chunk):, -1] = True
-    prefill, decode = programs(policy.config, policy.mesh, policy.dtype, policy.rules, mode, B, P, new_bucket,
+    prefill, decode = programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket,
                                len(knobs.eos_E), knobs.stop_VxS.shape)
     # Every process builds the same chunk; each device is given only its own rows (see jaxsr.distributed).
-    b1, b2 = batch_sharding(policy.mesh, 1, policy.rules), batch_sharding(policy.mesh, 2, policy.rules)
-    rep = replicated(policy.mesh)
+    b1, b2 = batch_sharding(model.mesh, 1, model.rules), batch_sharding(model.mesh, 2, model.rules)
+    rep = replicated(model.mesh)
     ids_BxP, mask_BxP = distributed.global_array(ids_BxP, b2), distributed.global_array(mask_BxP, b2)
     live_B, max_new_B, prompt_idx_B, sample_idx_B = (distributed.global_array(x, b1)
                                                      for x in (live_B, max_new_B, prompt_idx_B, sample_idx_B))
     knobs = Knobs(*(distributed.global_array(k, rep) for k in knobs))
-    cache, logits_BxV = prefill(layer_params, ids_BxP, mask_BxP)
-    out, _ = decode(layer_params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B,
+    cache, logits_BxV = prefill(model.params, ids_BxP, mask_BxP)
+    out, _ = decode(model.params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B,
                     distributed.global_array(seed_key_2, rep), knobs)
     # Batch-sharded across processes: gathered whole onto every process.
     tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, steps = distributed.to_host(out)

@@ -386,6 +386,7 @@ def _prompts(ctx: Context, count: int | None = None) -> dict:
 
         ctx.release_models()  # the fixed generator has the devices to itself
         policy = load_policy(gen, dtype=ctx.cfg.model.dtype, mesh=ctx.mesh)  # only samples: stored as it computes
+        policy.decode_tensor = ctx.cfg.sample.decode_tensor
     else:
         policy = ctx.policy()
     return generate_prompts(policy, ctx.split("seed_prompts")["prompt"], ctx.path("prompts"), ctx.cfg, ctx.t,

@@ -147,7 +147,8 @@ class Context:
         t = self.t if t is None else t
         if t not in self._models:
             self._models.clear()
-            self._models[t] = load_chat_policy(self.paths.model(t), self.cfg.model, self.mesh)
+            self._models[t] = load_chat_policy(self.paths.model(t), self.cfg.model, self.mesh,
+                                               decode_tensor=self.cfg.sample.decode_tensor)
         return self._models[t]
 
     def release_models(self) -> None:

@@ -249,7 +249,8 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
         done = json.loads((final_dir / JAXSR_MODEL_FILE).read_text()).get("extra", {})
         _check_same_run(done, run_meta, final_dir)
         log.info("%s: %s already holds the final model of this run; loading it", stage, final_dir)
-        return load_policy(final_dir, dtype=policy.dtype, param_dtype=policy.param_dtype, mesh=mesh, rules=policy.rules)
+        return dataclasses.replace(load_policy(final_dir, dtype=policy.dtype, param_dtype=policy.param_dtype, mesh=mesh,
+                                               rules=policy.rules), decode_tensor=policy.decode_tensor)
     if final_dir.exists() and distributed.is_primary():
         shutil.rmtree(final_dir)  # a final save cut short; it is redone from the last step checkpoint
     distributed.barrier(f"{stage}: clear {final_dir}")

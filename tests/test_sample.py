@@ -143,7 +143,8 @@ def test_one_prompt_and_max_new_tokens_one(llama3, fixtures_dir):
 
 def test_a_chunk_ends_when_its_real_rows_end(llama3, fixtures_dir):
     # EOS ids each reference row produces within 3 greedy steps: every real row ends early, while the padding
-    # rows (a batch of 8 on 8 devices holds 3 or 5 real rows) would decode to max_new_tokens if they counted.
+    # rows (a batch of 4 holds 3 real rows, one of 8 holds 5; the decode layout's data axis is 2) would decode to
+    # max_new_tokens if they counted.
     prompts, expected = reference(fixtures_dir, "llama3")
     eos = [row[2] for row in expected]
     for kw in (dict(), dict(num_samples=3, max_batch_rows=8)):  # one chunk; two chunks of 5 rows
@@ -151,7 +152,7 @@ def test_a_chunk_ends_when_its_real_rows_end(llama3, fixtures_dir):
         out = generate(llama3, prompts, max_new_tokens=20, temperature=0.0, eos_token_ids=eos, stats=stats, **kw)
         assert all(c.finish_reason == "eos" for x in out for c in x)
         chunks = stats["chunks"]
-        assert len(chunks) == (2 if kw else 1) and all(c["rows"] < c["batch"] for c in chunks)
+        assert len(chunks) == (2 if kw else 1) and chunks[0]["rows"] < chunks[0]["batch"]
         assert sum(c["rows"] for c in chunks) == 3 * kw.get("num_samples", 1)
         longest = max(len(c.token_ids) for x in out for c in x) + 1  # + the EOS
         assert max(c["longest_row"] for c in chunks) == longest <= 3
@@ -247,20 +248,26 @@ SAMPLED = dict(temperature=1.5, top_p=0.8, top_k=40, seed=7)  # all three trunca
 
 @pytest.fixture(scope="module")
 def sharded_vs_single(fixtures_dir):
-    """Greedy and sampled completions of SHORT on an fsdp=4 x tensor=2 mesh and on one device."""
+    """Greedy and sampled completions of SHORT loaded on an fsdp=4 x tensor=2 mesh and on one device. The sampler
+    decodes on its own layout: "sharded" on data 2 x tensor 4 (the automatic choice: 4 heads; the 2 kv heads
+    repeated twice), "replicas" on data 8 x tensor 1, "single" on the one device."""
     path = fixtures_dir / "hf" / "llama3"  # 2 kv heads: tensor parallelism of 2 divides them
     out = {}
-    for name, mesh in (("sharded", make_mesh(data=1, fsdp=4, tensor=2)), ("single", make_mesh(1, 1, 1, devices=jax.devices()[:1]))):
-        policy = load_policy(path, mesh=mesh)
+    for name, mesh, tensor in (("sharded", make_mesh(data=1, fsdp=4, tensor=2), None),
+                               ("replicas", make_mesh(data=1, fsdp=4, tensor=2), 1),
+                               ("single", make_mesh(1, 1, 1, devices=jax.devices()[:1]), None)):
+        policy = dataclasses.replace(load_policy(path, mesh=mesh), decode_tensor=tensor)
+        assert policy.for_decode().tensor == {"sharded": 4, "replicas": 1, "single": 1}[name]
         for mode, kw in (("greedy", dict(temperature=0.0)), ("sampled", SAMPLED)):
             out[name, mode] = generate(policy, SHORT, max_new_tokens=20, eos_token_ids=[2], num_samples=2, **kw)
         out[name, "policy"] = policy
     return out
 
 
+@pytest.mark.parametrize("layout", ["sharded", "replicas"])
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])
-def test_sharded_mesh_equals_single_device(sharded_vs_single, mode):
-    assert_same(sharded_vs_single["sharded", mode], sharded_vs_single["single", mode])
+def test_sharded_mesh_equals_single_device(sharded_vs_single, mode, layout):
+    assert_same(sharded_vs_single[layout, mode], sharded_vs_single["single", mode])
 
 
 def test_sampled_logprobs_are_the_unmodified_model_distribution(sharded_vs_single):

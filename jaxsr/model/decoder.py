@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, rope_inv_freq
-from .sharding import DEFAULT_RULES
+from .sharding import DEFAULT_RULES, ShardingRules
 
 Params = dict[str, Any]
 
@@ -265,7 +265,8 @@ def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale, *, caus
     return jnp.einsum("bkgts,bkse->btkge", p_BxKxGxTxS, v_BxKxSxE).reshape(B, T, H, E)
 
 
-def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate):
+def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate,
+           rules: ShardingRules = DEFAULT_RULES):
     """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxExS, v_BxKxSxE) to write into.
 
     `dtype` is the matmul dtype; the activations are `x_BxTxD.dtype` (see `activation_dtype`).
@@ -324,14 +325,15 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         down = down + lp["b_down"]
     x_BxTxD = x_BxTxD + _dropout(down.reshape(B, T, D), dropout_rate, r2)
     if mesh is not None:
-        x_BxTxD = jax.lax.with_sharding_constraint(
-            x_BxTxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None)))
+        # The residual stream: rows over the layout's batch axes, the model dimension whole.
+        x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(mesh, rules.spec(("batch", None, None))))
     return x_BxTxD, new_cache
 
 
 def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_valid_BxS, *, cache: KVCache | None = None,
                   cache_index=0, dtype=jnp.float32, dropout_rate: float = 0.0, rng=None, remat: str = "none",
-                  mesh=None, unroll: int | bool = 1, segment_ids_BxT=None, branch_ids_BxT=None):
+                  mesh=None, unroll: int | bool = 1, segment_ids_BxT=None, branch_ids_BxT=None,
+                  rules: ShardingRules = DEFAULT_RULES):
     """Final-norm hidden states [B, T, D] (and the updated cache).
 
     Without a cache, keys are this chunk and `kv_valid_BxS` is its padding mask (S = T). With a cache, the
@@ -339,7 +341,8 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     after the write. `segment_ids_BxT` (packed rows, no cache) keeps attention inside each sequence; the
     caller passes per-sequence `positions_BxT` (see `positions_from_segments`). `branch_ids_BxT` (no cache)
     lays several continuations of one shared prefix side by side in a row: see `attention_mask`; each
-    branch's positions continue from the prefix's.
+    branch's positions continue from the prefix's. `rules`: the layout `params` and the batch are on (the
+    activations' shardings follow it).
     """
     T = ids_BxT.shape[1]
     for name, ids in (("segment_ids_BxT (packed sequences)", segment_ids_BxT),
@@ -348,10 +351,11 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
             raise ValueError(f"{name} cannot be combined with a KV cache")
     embed_VxD = params["embed"]
     if mesh is not None:
-        # All-gather the FSDP dim before the lookup: a gather whose table and output both use `fsdp` makes
-        # XLA replicate the whole table instead.
+        # The model dimension whole before the lookup: a gather whose table and output both use `fsdp` makes
+        # XLA replicate the whole table instead (the training layout all-gathers the FSDP dim here; the decode
+        # layout holds it whole already, so this is a no-op there).
         embed_VxD = jax.lax.with_sharding_constraint(
-            embed_VxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEFAULT_RULES.vocab, None)))
+            embed_VxD, jax.sharding.NamedSharding(mesh, rules.spec(("vocab", None))))
     act = activation_dtype(dtype, mesh)
     x = embed_VxD[ids_BxT].astype(act)
     cos, sin = rope_cos_sin(cfg, positions_BxT, act)
@@ -372,7 +376,7 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
             lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[i], layers)
             lrng = None if layer_rngs is None else layer_rngs[i]
             x, (k_i, v_i) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, (cache.k_BxKxExS[i], cache.v_BxKxSxE[i]),
-                                   cache_index, lrng, dropout_rate)
+                                   cache_index, lrng, dropout_rate, rules)
             ks.append(k_i)
             vs.append(v_i)
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -380,7 +384,7 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
 
     def body(x, xs):
         lp, lrng = xs
-        x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate)
+        x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate, rules)
         return x, None
 
     if remat != "none":

@@ -4,6 +4,9 @@ Weights are sharded FSDP x tensor-parallel: the model dimension (`embed`) over `
 vocabulary over `tensor`. Batches go over `data` x `fsdp`. Norm scales and biases are small and replicated
 on purpose (rule `norm` / `bias` -> None). A dimension that does not divide its mesh axis is an error,
 never a silent replication.
+
+Decoding has its own layout (`decode_rules`, `decode_tensor_size`): no FSDP (a weight sharded over `fsdp`
+is all-gathered by every decode step), heads and MLP over `tensor`, rows over `data`.
 """
 
 from __future__ import annotations
@@ -182,6 +185,43 @@ def batch_sharding(mesh: Mesh, ndim: int | None = None, rules: ShardingRules = D
     lead = (None,) if micro_axis else ()
     rest = () if ndim is None else (None,) * (ndim - len(lead) - 1)
     return NamedSharding(mesh, P(*lead, rules.batch, *rest))
+
+
+# --- the decode layout --------------------------------------------------------------------------------------
+
+# Tensor parallelism beyond one host's chips crosses the slower network (DCN) at every layer of every step.
+DECODE_TENSOR_CAP = 8
+
+
+def decode_rules(vocab_over_tensor: bool = True) -> ShardingRules:
+    """The sampler's rules: weights tensor-parallel (heads, kv heads, MLP width, and the vocabulary when it
+    divides), the model dimension whole, rows over `data` (the decode mesh's `fsdp` is 1)."""
+    return ShardingRules(embed=None, vocab="tensor" if vocab_over_tensor else None)
+
+
+def _decode_tensor_fits(t: int, devices: int, num_heads: int, num_kv_heads: int, mlp: int) -> str | None:
+    """Why `t` cannot be the decode tensor size (None: it can)."""
+    if devices % t:
+        return f"it does not divide the {devices} devices"
+    if num_heads % t or mlp % t:
+        return f"it must divide num_heads={num_heads} and intermediate_size={mlp}"
+    if num_kv_heads % t and t % num_kv_heads:
+        return f"num_kv_heads={num_kv_heads} must be a multiple of it or divide it (kv heads are then replicated)"
+    return None
+
+
+def decode_tensor_size(devices: int, num_heads: int, num_kv_heads: int, mlp: int, tensor: int | None = None,
+                       cap: int = DECODE_TENSOR_CAP) -> int:
+    """The decode mesh's `tensor` size: `tensor` when given (checked), else the largest t <= cap that divides
+    the device count, num_heads and the MLP width, and either divides num_kv_heads or is a multiple of it (the
+    kv heads are then repeated t / num_kv_heads times). The other devices hold data-parallel replicas."""
+    if tensor is not None:
+        why = _decode_tensor_fits(int(tensor), devices, num_heads, num_kv_heads, mlp) if tensor >= 1 else "it is < 1"
+        if why:
+            raise ShardingError(f"decode tensor size {tensor} does not fit: {why}")
+        return int(tensor)
+    return max(t for t in range(1, min(devices, cap) + 1)
+               if _decode_tensor_fits(t, devices, num_heads, num_kv_heads, mlp) is None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
