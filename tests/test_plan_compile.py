@@ -101,6 +101,20 @@ def test_compile_takes_the_configs_topology_unless_given(monkeypatch, capsys):
     assert "--compile needs --topology or mesh.topology" in capsys.readouterr().err
 
 
+def test_the_iterations_programs_compile_on_this_hosts_devices():
+    """No libtpu needed: the same program builders compiled for the 8 CPU devices (tests/conftest.py), so a change
+    to the sampler's or the trainer's signatures fails here and not only where libtpu is installed."""
+    import jax
+
+    run = load_config(None, SMALL)
+    p = plan_compile.compile_plan(resolve_model(run)[0], run, "v5e:2x2", devices=jax.devices())
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert set(p["programs"]) == set(plan_compile.PROGRAMS)
+    assert all(q["total_bytes"] > 0 for q in p["programs"].values())
+    assert p["programs"]["decode"]["loop_collectives"]["while_loops"] >= 1
+    assert p["programs"]["dpo_step"]["cost_all_layers"]["flops"] > 0
+
+
 @pytest.fixture(scope="module")
 def one_slice():
     run = load_config(None, SMALL)
