@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
 PROGRAMS = ("sft_step", "dpo_step", "reference", "prefill", "decode")
+# HBM bandwidth per chip, bytes/s (public Cloud TPU figures), for the roofline time when XLA gives no time.
+HBM_BANDWIDTH = {"v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 
 
 def accelerator_configs() -> list[Path]:
@@ -87,11 +89,21 @@ def table(p: dict) -> str:
     lines.append("")
     if "cost_all_layers" in d:
         c = d["cost_all_layers"]
-        mfu = "n/a (XLA could not cost an op)" if d["mfu_estimate"] is None else f"**{d['mfu_estimate']:.1%}**"
-        lines.append(f"- DPO step, estimated model-FLOPs utilisation: {mfu} = {d['model_flops'] / 1e12:.1f} model "
-                     f"TFLOP / {p['devices']} chips / {c['optimal_seconds'] * 1e3:.0f} ms (XLA's time for the whole "
-                     f"step, extrapolated from 1- and 2-layer unrolled micro-batches) / "
-                     f"{p['peak_flops'] / 1e12:.0f} TFLOP/s")
+        per_chip = d["model_flops"] / p["devices"] / p["peak_flops"]  # seconds at peak
+        if d["mfu_estimate"] is None:
+            lines.append(f"- DPO step, estimated model-FLOPs utilisation from XLA's time: n/a (XLA gave "
+                         f"{c['optimal_seconds']:.0f} s: it cannot cost some ops, about -1 s each)")
+        else:
+            lines.append(f"- DPO step, estimated model-FLOPs utilisation from XLA's time: **{d['mfu_estimate']:.1%}** "
+                         f"= {d['model_flops'] / 1e12:.1f} model TFLOP / {p['devices']} chips / "
+                         f"{c['optimal_seconds'] * 1e3:.0f} ms / {p['peak_flops'] / 1e12:.0f} TFLOP/s")
+        roof = max(per_chip, c["flops"] / p["peak_flops"], c["bytes_accessed"] / HBM_BANDWIDTH[p["chip"]])
+        lines.append(f"- DPO step, model-FLOPs utilisation at a roofline of XLA's numbers (an upper bound: the longest "
+                     f"of the model's or XLA's FLOPs at peak and XLA's bytes accessed at "
+                     f"{HBM_BANDWIDTH[p['chip']] / 1e9:.0f} GB/s HBM; no communication): **{per_chip / roof:.1%}** = "
+                     f"{d['model_flops'] / 1e12:.1f} model TFLOP / {p['devices']} chips / {roof * 1e3:.0f} ms "
+                     f"(XLA: {c['flops'] / 1e12:.1f} TFLOP, {c['bytes_accessed'] / 1e9:.0f} GB per chip, i.e. "
+                     f"{c['flops'] * p['devices'] / d['model_flops']:.2f}x the model FLOPs)")
     if dec is not None:
         coll = dec["loop_collectives"]
         lines.append(f"- decode step: {dec['bytes_accessed'] / GiB:.2f} GiB accessed per device vs weights "
