@@ -8,6 +8,7 @@ the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -62,11 +63,36 @@ class MeshConfig:
 
     All unset: jaxsr's default mesh (FSDP as wide as the model dimension allows, data parallel over the rest).
     Any set: the unset ones default to data=-1, fsdp=1, tensor=1.
+
+    topology: the TPU slice the config is sized for (`v5p-16`, `v5e-8`, `2xv5p-64`; docs/launch.md section 5):
+      `jaxsr plan` plans on its chips and `jaxsr plan --compile` compiles for it unless told otherwise. A run
+      does not need it (the mesh spans whatever devices there are) and it is not part of a run's identity.
     """
 
     data: Optional[int] = None
     fsdp: Optional[int] = None
     tensor: Optional[int] = None
+    topology: str = ""
+
+    def __post_init__(self):
+        if not self.topology:
+            return
+        from .plan_compile import parse_topology
+
+        try:
+            chips = parse_topology(self.topology).chips
+        except ValueError as e:
+            raise ConfigValueError(str(e).replace("--topology ", "mesh.topology=", 1)) from None
+        if not self.is_set:
+            return  # the default mesh fits any number of devices
+        sizes = [v if v is not None else d for v, d in zip((self.data, self.fsdp, self.tensor), (-1, 1, 1))]
+        fixed = math.prod(v for v in sizes if v != -1)
+        if -1 in sizes and chips % fixed:
+            raise ConfigValueError(f"mesh.topology={self.topology} has {chips} chips but the mesh needs a multiple of "
+                                   f"{fixed} (mesh.data x mesh.fsdp x mesh.tensor = {' x '.join(map(str, sizes))})")
+        if -1 not in sizes and chips != fixed:
+            raise ConfigValueError(f"mesh.topology={self.topology} has {chips} chips but the mesh has {fixed} "
+                                   f"(mesh.data x mesh.fsdp x mesh.tensor = {' x '.join(map(str, sizes))})")
 
     @property
     def is_set(self) -> bool:

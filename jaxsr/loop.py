@@ -67,8 +67,9 @@ def path_hash(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-# Config keys that do not change what a run computes: a run may resume with other values (another port, more hosts).
-_NOT_IDENTITY = ("distributed.",)
+# Config keys that do not change what a run computes: a run may resume with other values (another port, more hosts,
+# the slice a config is sized for).
+_NOT_IDENTITY = ("distributed.", "mesh.topology")
 
 
 class Manifest:

@@ -38,6 +38,7 @@ KNOWN_ARCHITECTURES = {
     "meta-llama/Llama-2-7b-hf": _hf("llama", 32000, 4096, 11008, 32, 32, 32, 4096, 1e-5, 1e4),
     "meta-llama/Llama-2-70b-hf": _hf("llama", 32000, 8192, 28672, 80, 64, 8, 4096, 1e-5, 1e4),
     "meta-llama/Meta-Llama-3-8B": _hf("llama", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 5e5),
+    "meta-llama/Llama-3.1-8B": _hf("llama", 128256, 4096, 14336, 32, 32, 8, 131072, 1e-5, 5e5, rope_scaling=_LLAMA31_ROPE),
     "meta-llama/Llama-3.1-70B": _hf("llama", 128256, 8192, 28672, 80, 64, 8, 131072, 1e-5, 5e5, rope_scaling=_LLAMA31_ROPE),
     "mistralai/Mistral-7B-v0.1": _hf("mistral", 32000, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1e4, sliding_window=4096),
     "Qwen/Qwen2.5-0.5B-Instruct": _hf("qwen2", 151936, 896, 4864, 24, 14, 2, 32768, 1e-6, 1e6, tie_word_embeddings=True),
@@ -47,6 +48,7 @@ KNOWN_ARCHITECTURES = {
 for _base, _aliases in {"meta-llama/Llama-2-7b-hf": ["meta-llama/Llama-2-7b-chat-hf"],
                         "meta-llama/Llama-2-70b-hf": ["meta-llama/Llama-2-70b-chat-hf"],
                         "meta-llama/Meta-Llama-3-8B": ["meta-llama/Meta-Llama-3-8B-Instruct"],
+                        "meta-llama/Llama-3.1-8B": ["meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B"],
                         "meta-llama/Llama-3.1-70B": ["meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Meta-Llama-3.1-70B"],
                         "Qwen/Qwen2.5-0.5B-Instruct": ["Qwen/Qwen2.5-0.5B"], "Qwen/Qwen2.5-1.5B-Instruct": ["Qwen/Qwen2.5-1.5B"]}.items():
     KNOWN_ARCHITECTURES |= {a: KNOWN_ARCHITECTURES[_base] for a in _aliases}

@@ -278,7 +278,7 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
     wanted = programs
     import jax
 
-    from . import sample
+    from . import sampler, stop
     from .model.sharding import DEFAULT_RULES, make_mesh
     from .next_token import sampling_mode
     import numpy as np
@@ -315,13 +315,17 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
         programs["reference"] = {"compile_seconds": time.perf_counter() - t}
     B, P, N = sampler_shape(run_cfg, mesh)
     if {"prefill", "decode"} & set(wanted):
-        s = run_cfg.sample
+        s, j = run_cfg.sample, run_cfg.judge
+        # The judge's stop automaton (selfreward.judge), a replicated [vocab, states] table, when it stops at the score.
+        kind = ("score" if j.mode == "sampled" else "score_marker") if j.stop_at_score else None
+        stop_shape = (model_cfg.vocab_size, stop.STATES[kind]) if kind else (1, 2)
         t = time.perf_counter()
-        compiled["prefill"], compiled["decode"] = sample._programs(
+        compiled["prefill"], compiled["decode"] = sampler.programs(
             model_cfg, mesh, run_cfg.model.dtype, DEFAULT_RULES,
-            sampling_mode(s.temperature, s.top_p, s.top_k, model_cfg.vocab_size), B, P, N, sample._EOS_SLOTS)
+            sampling_mode(s.temperature, s.top_p, s.top_k, model_cfg.vocab_size), B, P, N, sampler.EOS_SLOTS,
+            stop_shape)
         programs["prefill"] = {"compile_seconds": time.perf_counter() - t}
-        programs["decode"] = {"compile_seconds": 0.0}  # compiled with the prefill (sample._programs)
+        programs["decode"] = {"compile_seconds": 0.0}  # compiled with the prefill (sampler.programs)
     for name, c in compiled.items():
         a = _analysis(c)
         total = a["program_bytes"] + held[name]

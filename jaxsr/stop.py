@@ -107,6 +107,10 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+# States of each kind's automaton (the last one: stop), i.e. the columns of its stop_table.
+STATES = {"score": STOP + 1, "score_marker": 7}
+
+
 def stop_table(tokenizer, vocab_size: int, kind: str) -> np.ndarray:
     """int32 [vocab_size, states]: the state after each token from each state; the last state is "stop".
     Computed once per tokenizer and kind."""
@@ -115,7 +119,7 @@ def stop_table(tokenizer, vocab_size: int, kind: str) -> np.ndarray:
     per_tok = _TABLES.setdefault(tokenizer, {})
     key = (kind, vocab_size)
     if key not in per_tok:
-        step, states = (_score_token, STOP + 1) if kind == "score" else (_marker_token, 7)
+        step, states = (_score_token, STATES[kind]) if kind == "score" else (_marker_token, STATES[kind])
         memo: dict[str, list[int]] = {}
         table = np.empty((vocab_size, states), np.int32)
         for i, text in enumerate(token_texts(tokenizer, vocab_size)):

@@ -68,6 +68,12 @@ def test_yaml_list_at_top_level_is_rejected(tmp_path):
     (["model.dtype=float16"], r"model.dtype='float16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
     (["model.param_dtype=fp16"], r"model.param_dtype='fp16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
     (["loop.iterations=0"], r"loop.iterations=0 must be > 0"),
+    (["mesh.topology=h100-8"], r"mesh.topology='h100-8': expected e.g. v5e-8, v5p-128"),
+    (["mesh.topology=v5p-6"], r"mesh.topology='v5p-6': v5p-6 is not a slice jaxsr knows"),
+    (["mesh.topology=v5e-8", "mesh.fsdp=16"], r"mesh.topology=v5e-8 has 8 chips but the mesh needs a multiple of 16 "
+                                              r"\(mesh.data x mesh.fsdp x mesh.tensor"),
+    (["mesh.topology=v5e-8", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"],
+     r"mesh.topology=v5e-8 has 8 chips but the mesh has 4"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, pattern):
     with pytest.raises(ConfigValueError, match=pattern):
@@ -150,6 +156,18 @@ def test_paper_config_is_the_paper():
     assert (sft.lr, sft.final_lr, sft.schedule, sft.batch_size, sft.dropout) == (5.5e-6, 1.1e-6, "cosine", 16, 0.1)
     assert (dpo.lr, dpo.final_lr, dpo.batch_size, dpo.beta, dpo.dropout) == (1e-6, 1e-7, 16, 0.1, 0.1)
     assert cfg.loop.iterations == 3
+
+
+def test_mesh_topology_is_not_part_of_a_runs_identity(tmp_path):
+    # What a config is sized for: resuming a run with another (or no) topology computes the same thing.
+    from jaxsr import loop
+
+    assert load_config(None, ["mesh.topology=v5p-16"]).mesh.topology == "v5p-16"
+    assert load_config(None, ["mesh.topology=2xv5e-16", "mesh.data=2", "mesh.fsdp=-1"]).mesh.topology == "2xv5e-16"
+    run = tmp_path / "run"
+    run.mkdir()
+    loop.Manifest(run, load_config(None, [f"run_dir={run}", "mesh.topology=v5e-8"]))
+    loop.Manifest(run, load_config(None, [f"run_dir={run}"]))  # no ConfigMismatch
 
 
 def test_every_shipped_config_passes_the_run_checks():

@@ -19,6 +19,9 @@ from jaxsr.model.sharding import ShardingError
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PAPER = REPO / "configs" / "paper_llama2_70b.yaml"
+# Configs for this CPU (the built-in world, the arithmetic example); every other shipped config is for accelerators.
+CPU_CONFIGS = {"tiny", "arithmetic"}
+ACCELERATOR_CONFIGS = [c for c in CONFIGS if c.stem not in CPU_CONFIGS]
 
 # D=64, 2 layers, V=100, H=4, K=2, E=16, F=128, q/k/v biases (replicated), untied head.
 TINY = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -158,7 +161,8 @@ def test_indivisible_mesh_names_the_tensor():
 # Published totals (model cards / safetensors metadata), independent of jaxsr's num_params formula.
 PUBLISHED_PARAMS = {
     "meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-70b-hf": 68_976_648_192,
-    "meta-llama/Meta-Llama-3-8B": 8_030_261_248, "meta-llama/Llama-3.1-70B": 70_553_706_496,
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248, "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496,
     "mistralai/Mistral-7B-v0.1": 7_241_732_096, "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
     "Qwen/Qwen2.5-1.5B-Instruct": 1_543_714_304, "Qwen/Qwen3-0.6B": 596_049_920,
 }
@@ -210,6 +214,27 @@ def test_every_shipped_config_is_plannable(config, capsys):
     rc = cli_main(["plan", "--config", str(config), "--json", "--accelerator", "h200"])
     p = json.loads(capsys.readouterr().out)
     assert rc == (0 if p["fits"] else plan.EXIT_DOES_NOT_FIT) and p["peak"] == max(p["peaks"].values())
+
+
+def test_accelerator_configs_are_shipped():
+    assert {c.stem for c in ACCELERATOR_CONFIGS} >= {"paper_llama2_70b", "qwen2.5_0.5b", "llama3.1_8b"}
+
+
+@pytest.mark.parametrize("config", ACCELERATOR_CONFIGS, ids=[c.stem for c in ACCELERATOR_CONFIGS])
+def test_every_accelerator_config_names_its_topology_and_the_hand_plan_fits_there(config, capsys):
+    """Each shipped accelerator config says which slice it is sized for (mesh.topology); `jaxsr plan` without
+    --accelerator / --devices plans it on that slice's chips, and it fits (the compiled proof: docs/launch.md §5)."""
+    from jaxsr.plan_compile import CHIPS, parse_topology
+
+    run = load_config(config)
+    assert run.mesh.topology, f"{config.name} names no mesh.topology"
+    topo = parse_topology(run.mesh.topology)
+    p = plan.plan_memory(plan.resolve_model(run)[0], run, devices=topo.chips, accelerator=f"tpu-{topo.chip}")
+    assert p["fits"], (config.name, {k: v / 2**30 for k, v in p["peaks"].items()})
+    assert plan.accelerator_bytes(f"tpu-{topo.chip}") == CHIPS[topo.chip][1] * 2**30  # one HBM table for both planners
+    assert cli_main(["plan", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"hardware  {topo.chips} x tpu-{topo.chip} " in out and f"mesh.topology={run.mesh.topology}: {topo.chips} chips" in out
 
 
 def test_cli_exit_codes():

@@ -82,7 +82,37 @@ def test_compile_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     rc = cli_main(["plan", "--compile", "--topology", "v5e:2x2"] + SMALL)
     assert rc == 2 and "pip install 'jaxsr[tpu]'" in capsys.readouterr().err
-    assert cli_main(["plan", "--compile"]) == 2 and "--compile and --topology go together" in capsys.readouterr().err
+    assert cli_main(["plan", "--compile"]) == 2 and "--compile needs --topology or mesh.topology" in capsys.readouterr().err
+
+
+def test_compile_takes_the_configs_topology_unless_given(monkeypatch, capsys):
+    seen = []
+
+    def fake(model_cfg, run_cfg, topology, **kw):
+        seen.append(topology)
+        raise plan_compile.CompileUnavailable("stop here")
+
+    monkeypatch.setattr(plan_compile, "compile_plan", fake)
+    assert cli_main(["plan", "--compile", "mesh.topology=v5e-8"] + SMALL) == 2
+    assert cli_main(["plan", "--compile", "--topology", "v5e:2x2", "mesh.topology=v5e-8"] + SMALL) == 2
+    assert seen == ["v5e-8", "v5e:2x2"]
+    capsys.readouterr()
+    assert cli_main(["plan", "--compile"] + SMALL) == 2
+    assert "--compile needs --topology or mesh.topology" in capsys.readouterr().err
+
+
+def test_the_iterations_programs_compile_on_this_hosts_devices():
+    """No libtpu needed: the same program builders compiled for the 8 CPU devices (tests/conftest.py), so a change
+    to the sampler's or the trainer's signatures fails here and not only where libtpu is installed."""
+    import jax
+
+    run = load_config(None, SMALL)
+    p = plan_compile.compile_plan(resolve_model(run)[0], run, "v5e:2x2", devices=jax.devices())
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert set(p["programs"]) == set(plan_compile.PROGRAMS)
+    assert all(q["total_bytes"] > 0 for q in p["programs"].values())
+    assert p["programs"]["decode"]["loop_collectives"]["while_loops"] >= 1
+    assert p["programs"]["dpo_step"]["cost_all_layers"]["flops"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -16,33 +16,48 @@ def cmd_plan(args) -> int:
     model_cfg, source = resolve_model(run_cfg)
     if args.compile or args.topology:
         return _compile(args, run_cfg, model_cfg, source)
-    accelerator = args.accelerator or getattr(run_cfg.mesh, "accelerator", "") or local_accelerator()
-    devices = args.devices or default_devices(run_cfg.mesh)
+    topology = run_cfg.mesh.topology
+    if topology and not (args.accelerator or args.devices):  # the slice the config is sized for
+        from ..plan_compile import parse_topology
+
+        topo = parse_topology(topology)
+        accelerator, devices = f"tpu-{topo.chip}", topo.chips
+    else:
+        topology = ""
+        accelerator = args.accelerator or local_accelerator()
+        devices = args.devices or default_devices(run_cfg.mesh)
     p = plan_memory(model_cfg, run_cfg, devices=devices, accelerator=accelerator)
     p["source"] = source
     print(json.dumps(p, indent=2) if args.json else format_plan(p, source))
-    if not args.devices and not args.json:
-        print(f"(planned for {devices} devices, the fewest the mesh allows; pass --devices N for a larger slice)")
+    if not args.json:
+        if topology:
+            print(f"(planned for the config's slice, mesh.topology={topology}: {devices} chips; prove it with "
+                  f"jaxsr plan --compile)")
+        elif not args.devices:
+            print(f"(planned for {devices} devices, the fewest the mesh allows; pass --devices N for a larger slice)")
     return 0 if p["fits"] else EXIT_DOES_NOT_FIT
 
 
 def _compile(args, run_cfg, model_cfg, source) -> int:
-    if not (args.compile and args.topology):
-        raise ValueError("--compile and --topology go together: jaxsr plan --compile --topology v5p-128 (a TPU "
-                         "slice: v5e-N, v5p-N, v6e-N, or NxSLICE for N slices, e.g. 2xv5p-64)")
+    if args.topology and not args.compile:
+        raise ValueError("--topology goes with --compile: jaxsr plan --compile --topology v5p-128")
+    topology = args.topology or run_cfg.mesh.topology
+    if not topology:
+        raise ValueError("--compile needs --topology or mesh.topology: the TPU slice to compile for (v5e-N, v5p-N, "
+                         "v6e-N, or NxSLICE for N slices, e.g. 2xv5p-64)")
     if args.accelerator or args.devices:
-        raise ValueError("--topology names the chips and their number; leave out --accelerator and --devices")
+        raise ValueError("--compile's topology names the chips and their number; leave out --accelerator and --devices")
     from .. import distributed
     from ..plan_compile import CompileUnavailable, compile_plan, format_compile_plan, parse_topology
 
-    parse_topology(args.topology)  # a bad name fails before libtpu loads
+    parse_topology(topology)  # a bad name fails before libtpu loads
     if not distributed.tpu_chips_attached():
         import jax
 
         # Abstract TPU devices need no TPU backend; without this, JAX would probe libtpu for one (error lines).
         jax.config.update("jax_platforms", "cpu")
     try:
-        p = compile_plan(model_cfg, run_cfg, args.topology)
+        p = compile_plan(model_cfg, run_cfg, topology)
     except CompileUnavailable as e:
         print(f"jaxsr plan: error: {e}", file=sys.stderr)
         return 2
@@ -50,7 +65,7 @@ def _compile(args, run_cfg, model_cfg, source) -> int:
     print(json.dumps(p, indent=2, default=float) if args.json else format_compile_plan(p, source))
     if not p["fits"]:
         bad = [n for n, q in p["programs"].items() if not q["fits"]]
-        print(f"jaxsr plan: {', '.join(bad)} does not fit on {args.topology}: "
+        print(f"jaxsr plan: {', '.join(bad)} does not fit on {topology}: "
               + "; ".join(f"{n} needs {p['programs'][n]['total_bytes'] / 2**30:.2f} GiB per device" for n in bad)
               + f" of {p['usable_bytes'] / 2**30:.1f} GiB usable", file=sys.stderr)
     return 0 if p["fits"] else EXIT_DOES_NOT_FIT
@@ -59,11 +74,13 @@ def _compile(args, run_cfg, model_cfg, source) -> int:
 def add_parsers(sub, add_config_args) -> None:
     p = sub.add_parser("plan", help="per-device memory of a config on an accelerator; exit 0 if it fits, 3 if not")
     p.add_argument("--accelerator", choices=sorted(ACCELERATORS_GIB) + ["cpu"],
-                   help="device type (default: mesh.accelerator if the config has it, else this host's device)")
-    p.add_argument("--devices", type=int, help="number of devices (default: the fewest the configured mesh allows)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the run's programs ahead of time for --topology (needs libtpu: pip install jaxsr[tpu])")
-    p.add_argument("--topology", help="TPU slice for --compile: v5e-8, v5p-128, v6e-16, v5e:2x2, 2xv5p-64 (2 slices)")
+                   help="device type (default: the chip of mesh.topology if the config has one, else this host's device)")
+    p.add_argument("--devices", type=int, help="number of devices (default: the chips of mesh.topology if the config "
+                                                "has one, else the fewest the configured mesh allows)")
+    p.add_argument("--compile", action="store_true", help="compile the run's programs ahead of time for --topology "
+                                                          "(default mesh.topology; needs libtpu: pip install jaxsr[tpu])")
+    p.add_argument("--topology", help="TPU slice for --compile (default: the config's mesh.topology): v5e-8, v5p-128, "
+                                      "v6e-16, v5e:2x2, 2xv5p-64 (2 slices)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_config_args(p)
     p.set_defaults(fn=cmd_plan)
