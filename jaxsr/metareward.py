@@ -25,7 +25,7 @@ import numpy as np
 
 from . import artifacts
 from .chat import chat_token_ids
-from .judge import META_INSTRUCTION, render_judge_prompt, render_meta_prompt  # noqa: F401 (re-exported)
+from .judge import render_judge_prompt, render_meta_prompt
 from .sample import generate
 from .stages import Context, Stage, map_rows, write_rows
 
@@ -117,7 +117,7 @@ def uncertain_candidates(judgements: list[dict], k: int, n: int, too_long) -> li
 def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
     """The judge_pairs stage: meta-judgements (resumable, `judge_pairs/meta`) then the pairs with reference
     log-probs (`judge_pairs/pairs`)."""
-    from .selfreward import judge_template
+    from .selfreward import judge_template, with_reference_logps
 
     cfg, sec, policy = ctx.cfg, ctx.cfg.meta, ctx.policy()
     template = judge_template(ctx)
@@ -166,7 +166,7 @@ def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
                       "chosen": rows[hi]["judge_text"], "rejected": rows[lo_]["judge_text"],
                       "chosen_score": rows[hi]["score"], "rejected_score": rows[lo_]["score"],
                       "chosen_elo": float(r[hi]), "rejected_elo": float(r[lo_])})
-    pairs = _with_reference(policy, pairs, cfg, reference_fn)
+    pairs = with_reference_logps(policy, pairs, cfg, reference_fn)[0]
     write_rows(ctx.path("judge_pairs") / "pairs", pairs)
     verdicts = Counter(m["verdict"] for m in meta)
     stats = {"stage": "judge_pairs", "iteration": ctx.t, "candidates": len(chosen), "comparisons": len(meta),
@@ -177,24 +177,6 @@ def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
              "chosen_scored_lower": sum(p["chosen_score"] < p["rejected_score"] for p in pairs)}
     artifacts.write_json_atomic(ctx.path("judge_pairs") / "stats.json", stats)
     return stats
-
-
-def _with_reference(policy, pairs: list[dict], cfg, reference_fn) -> list[dict]:
-    """The pairs with M_t's reference log-probs, as the actor pairs (selfreward.build_pairs); unusable ones dropped."""
-    if not pairs:
-        return pairs
-    if reference_fn is None:
-        from .train import reference_logps
-
-        def reference_fn(pol, prs, c):
-            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong,
-                                   shared_prompt=c.dpo.shared_prompt)
-    ref_c, ref_r = reference_fn(policy, pairs, cfg)
-    out = []
-    for p, a, b in zip(pairs, ref_c, ref_r):
-        if np.isfinite(a) and np.isfinite(b):
-            out.append(p | {"ref_chosen_logps": float(a), "ref_rejected_logps": float(b)})
-    return out
 
 
 def judge_pairs_for(ctx: Context) -> list[dict]:

@@ -206,7 +206,6 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     t, dp = sizes["tensor"], sizes["data"] * sizes["fsdp"]  # batches are split over data x fsdp
     elems, repl = param_elements_per_device(m, sizes)
     moments = optimizer_dtypes(run_cfg, DTYPES[run_cfg.model.param_dtype])
-    per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
     out = {"params": elems * pb, "optimizer": elems * sum(np.dtype(d).itemsize for d in moments),
            # Policy.for_compute: the parameters in the compute dtype for sampling and reference log-probs, made
            # once per loaded model and kept with it (so also through the DPO that follows in the same process).
@@ -214,9 +213,8 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
            # float32 accumulation (train.batch_grads); with grad_accum > 1 the micro-batch's gradient too.
            "gradients": elems * 4 * (2 if run_cfg.dpo.grad_accum > 1 or run_cfg.sft.grad_accum > 1 else 1),
            "reference": elems * pb if run_cfg.dpo.reference == "on_the_fly" else 0,
-           # FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`;
-           # in the storage dtype (an upper bound for sampling, which gathers the compute copy).
-           "gathered_weights": pb * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t}
+           # In the storage dtype (an upper bound for sampling, which gathers the compute copy).
+           "gathered_weights": _gathered_bytes(m, t, pb)}
     rows = {}
     for stage in ("sft", "dpo"):
         sec = getattr(run_cfg, stage)
@@ -235,8 +233,7 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
     slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length), fine=True) + bucket(new, fine=True)
     rows["sample"] = -(-s.max_batch_rows // dp)
-    out["kv_cache"] = 2 * m.num_layers * rows["sample"] * slots * (m.num_kv_heads // t) * m.head_dim * b
-    out["sample_logits"] = rows["sample"] * m.vocab_size * 4 // t
+    out["kv_cache"], out["sample_logits"] = _sampling_buffers(m, t, rows["sample"], slots, b)
     held = out["params"] + out["compute_params"] + out["gathered_weights"]
     train = held + out["optimizer"] + out["gradients"]
     peaks = {"sft": train + out["sft_activations"] + out["sft_logits"],
@@ -279,15 +276,23 @@ def _other_models(run_cfg):
             resolve_model_path(judge, "dpo.selection_judge")[0] if judge else None)
 
 
+def _gathered_bytes(m, t: int, nbytes: int) -> int:
+    """FSDP all-gathers one layer (two in flight) and the vocabulary matrix, each still split over `tensor`."""
+    per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
+    return nbytes * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t
+
+
+def _sampling_buffers(m, t: int, rows: int, slots: int, b: int) -> tuple[int, int]:
+    """(KV cache in compute bytes `b`, float32 next-token logits) of `rows` rows of `slots` positions per device."""
+    return 2 * m.num_layers * rows * slots * (m.num_kv_heads // t) * m.head_dim * b, rows * m.vocab_size * 4 // t
+
+
 def _sampler_bytes(m, sizes, b: int, rows: int, slots: int) -> dict:
     """Per-device bytes of a model that only samples, on the run's mesh, in compute bytes `b`."""
     t = sizes["tensor"]
-    elems = param_elements_per_device(m, sizes)[0]
-    per_layer = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) - m.hidden_size
-    return {"params": elems * b,
-            "gathered_weights": b * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t,
-            "kv_cache": 2 * m.num_layers * rows * slots * (m.num_kv_heads // t) * m.head_dim * b,
-            "logits": rows * m.vocab_size * 4 // t}
+    kv, logits = _sampling_buffers(m, t, rows, slots, b)
+    return {"params": param_elements_per_device(m, sizes)[0] * b, "gathered_weights": _gathered_bytes(m, t, b),
+            "kv_cache": kv, "logits": logits}
 
 
 def format_plan(p: dict, source: str) -> str:

@@ -293,14 +293,35 @@ def select_pairs(cands: list[dict], judgements: list[dict], length_control: floa
     return pairs, {"prompts": len(by_prompt), "ties": ties, "too_few_valid": too_few}
 
 
+def with_reference_logps(policy: Policy, pairs: list[dict], cfg: JaxsrConfig, reference_fn=None
+                         ) -> tuple[list[dict], int]:
+    """(the pairs with M_t's reference log-probs, how many were dropped): a pair the trainer would drop (e.g. its
+    prompt alone exceeds dpo.max_length) gets non-finite values and is left out. `reference_fn(policy, pairs, cfg)`
+    defaults to the DPO trainer's own tokenisation and truncation, so the stored values are what it would compute."""
+    if not pairs:
+        return pairs, 0
+    if reference_fn is None:
+        from .train import reference_logps
+
+        def reference_fn(pol, prs, c):
+            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong,
+                                   shared_prompt=c.dpo.shared_prompt)
+    ref_c, ref_r = reference_fn(policy, pairs, cfg)
+    kept = [p | {"ref_chosen_logps": float(a), "ref_rejected_logps": float(b)}
+            for p, a, b in zip(pairs, ref_c, ref_r) if np.isfinite(a) and np.isfinite(b)]
+    return kept, len(pairs) - len(kept)
+
+
 def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: JaxsrConfig, iteration: int,
-                *, reference_fn=None, target: int = 0, truth: Callable[[str, str], float] | None = None) -> dict:
+                *, reference_fn=None, target: int = 0, truth: Callable[[str, str], float] | None = None,
+                extra_stats: dict | None = None) -> dict:
     """Best vs worst per prompt (ties and < 2 valid scores discarded), with M_t's reference log-probs; with a
     `target`, the first `target` usable pairs in prompt order.
 
     `truth(prompt, response) -> score`: the environment's ground truth of the iteration's prompts, when it has one:
     the stats then count the pairs whose chosen answer is truly better or worse, and `pairs.control` can use it
-    ("oracle": the pairs by the ground truth; "random": the self-judged pairs oriented by a seeded coin)."""
+    ("oracle": the pairs by the ground truth; "random": the self-judged pairs oriented by a seeded coin).
+    `extra_stats` go into the stats as they are (the blocks of the pairs target)."""
     cands = artifacts.read_dataset(candidates_dir).to_list()
     judged = artifacts.read_dataset(judgements_dir).to_list()
     control = cfg.pairs.control
@@ -319,24 +340,7 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
                              ("chosen_tokens", "rejected_tokens")):
                     p[a], p[b] = p[b], p[a]
     ties, too_few, n_prompts = counts["ties"], counts["too_few_valid"], counts["prompts"]
-    if reference_fn is None:
-        from .train import reference_logps
-
-        def reference_fn(pol, prs, c):
-            # The DPO trainer's own tokenisation and truncation, so the stored values are what it would compute.
-            return reference_logps(pol, prs, max_length=c.dpo.max_length, overlong=c.dpo.overlong,
-                                   shared_prompt=c.dpo.shared_prompt)
-    unusable = 0
-    if pairs:
-        ref_c, ref_r = reference_fn(policy, pairs, cfg)
-        kept = []
-        for p, a, b in zip(pairs, ref_c, ref_r):
-            if not (np.isfinite(a) and np.isfinite(b)):
-                unusable += 1  # the trainer would drop it (e.g. the prompt alone exceeds dpo.max_length)
-                continue
-            p["ref_chosen_logps"], p["ref_rejected_logps"] = float(a), float(b)
-            kept.append(p)
-        pairs = kept
+    pairs, unusable = with_reference_logps(policy, pairs, cfg, reference_fn)
     usable = len(pairs)
     if target:
         pairs = pairs[:target]
@@ -355,6 +359,7 @@ def build_pairs(policy: Policy, candidates_dir, judgements_dir, out_dir, cfg: Ja
         diff = [truth(p["prompt"], p["chosen"]) - truth(p["prompt"], p["rejected"]) for p in pairs]
         stats |= {"truly_better": float(np.mean([d > 0 for d in diff])),
                   "truly_worse": float(np.mean([d < 0 for d in diff]))}
+    stats |= extra_stats or {}
     artifacts.write_json_atomic(Path(out_dir) / "stats.json", stats)
     return stats
 
@@ -457,14 +462,9 @@ def prompt_truth(ctx: Context) -> Callable[[str, str], float] | None:
 
 def _pairs(ctx: Context) -> dict:
     target = pairs_wanted(ctx.cfg, ctx.t)
-    if not target:
-        return build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
-                           ctx.t, truth=prompt_truth(ctx))
-    blocks = grow_to_target(ctx)
-    stats = build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
-                        ctx.t, target=target, truth=prompt_truth(ctx)) | blocks
-    artifacts.write_json_atomic(ctx.path("pairs") / "stats.json", stats)
-    return stats
+    blocks = grow_to_target(ctx) if target else None
+    return build_pairs(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.path("pairs"), ctx.cfg,
+                       ctx.t, target=target, truth=prompt_truth(ctx), extra_stats=blocks)
 
 
 def judge_template(ctx: Context) -> str:
