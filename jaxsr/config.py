@@ -413,6 +413,10 @@ class JaxsrConfig:
                                    f"prompts: an environment that grades the prompts it generates (data.source="
                                    f"world) with prompts.generator=env; data.source={env.name!r}, prompts.generator="
                                    f"{self.prompts.generator!r}")
+        if self.eft.policy_prompts:
+            from .eft_answers import check_environment
+
+            check_environment(env)
         if self.loop.head_to_head and not env.has_eval_prompts:
             raise ConfigValueError(f"loop.head_to_head=true with data.source={env.name!r}: that environment has no "
                                    f"held-out prompts (eval or rm_eval) to compare models on; set loop.head_to_head="

@@ -143,16 +143,23 @@ class EftSection:
         (data/rm_eval) when the environment gives none; an environment's own rm_eval is used as it is.
       rebalance: down-sample the most common score to the count of the next most common one (the paper discards
         part of its most common score, 4).
+      policy_prompts: EFT from the policy's own answers (jaxsr/eft_answers.py), for an environment with a prompt
+        source and a ground-truth judge: an SFT baseline (M0 on IFT only) answers this many fresh prompts
+        (`sample.num_samples` each), the environment grades every answer into a judgement in its judge format,
+        and the rows (rebalanced when `rebalance`) join M1's SFT data. 0: off.
     """
 
     judgements_per_response: int = 1
     eval_fraction: float = 0.25
     rebalance: bool = True
+    policy_prompts: int = 0
 
     def __post_init__(self):
         _positive("eft.judgements_per_response", self.judgements_per_response)
         if not 0 <= self.eval_fraction < 1:
             raise ConfigValueError(f"eft.eval_fraction={self.eval_fraction!r} must be in [0, 1)")
+        if self.policy_prompts < 0:
+            raise ConfigValueError(f"eft.policy_prompts={self.policy_prompts!r} must be >= 0 (0: off)")
 
 
 @dataclasses.dataclass

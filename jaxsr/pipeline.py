@@ -24,6 +24,7 @@ import numpy as np
 
 from . import artifacts, distributed, evaluate, selfreward
 from .eft import EFT_BUILD, EFT_JUDGE
+from .eft_answers import EFT_ANSWERS, eft_rows
 from .metareward import JUDGE_PAIRS, judge_pairs_for
 from .envs import SEED_SPLITS
 from .chat import load_chat_policy, load_chat_tokenizer, set_chat_template
@@ -100,9 +101,9 @@ def promote(src: Path, dst: Path, *, copy: bool = False) -> None:
     distributed.barrier(f"promote {dst}")
 
 
-def sft_from_m0(ctx: Context, splits: tuple[str, ...], work: str, model: str) -> None:
-    """SFT of M0 on the seed splits that exist among `splits` (run_dir/train/<work>), promoted to the artifact
-    `model`."""
+def sft_from_m0(ctx: Context, splits: tuple[str, ...], work: str, model: str, extra: list[dict] = ()) -> None:
+    """SFT of M0 on the seed splits that exist among `splits` and the `extra` {prompt, response} rows
+    (run_dir/train/<work>), promoted to the artifact `model`."""
     from .train import train_sft
 
     rows = []
@@ -110,6 +111,7 @@ def sft_from_m0(ctx: Context, splits: tuple[str, ...], work: str, model: str) ->
         ds = ctx.split(split)
         if ds is not None:
             rows += ds.select_columns(["prompt", "response"]).to_list()
+    rows += list(extra)
     train_sft(initial_policy(ctx), rows, ctx.cfg.sft, ctx.paths.train(work), remat=ctx.cfg.model.remat)
     promote(ctx.paths.train(work) / "final", ctx.path(model))
 
@@ -308,11 +310,13 @@ def _report(ctx: Context) -> dict:
 
 
 DATA = Stage("data", _data, writes=("data",), section="data", help="the environment's seed splits")
-SFT = Stage("sft", lambda ctx: sft_from_m0(ctx, ("ift", "eft"), "sft", "M_next"), reads=("data",),
+SFT = Stage("sft", lambda ctx: sft_from_m0(ctx, ("ift", "eft"), "sft", "M_next", eft_rows(ctx)),
+            reads=("data", "eft_answers"),
             writes=("M_next",), section="sft", help="SFT of M0 on IFT (+ EFT) -> M1")
 SFT_BASELINE = Stage("sft_baseline", lambda ctx: sft_from_m0(ctx, ("ift",), "sft_baseline", "baseline"),
-                     reads=("data",), writes=("baseline",), section="sft", when=lambda cfg: cfg.data.build_eft,
-                     help="the SFT baseline: SFT of M0 on IFT only (data.build_eft)")
+                     reads=("data",), writes=("baseline",), section="sft",
+                     when=lambda cfg: cfg.data.build_eft or cfg.eft.policy_prompts > 0,
+                     help="the SFT baseline: SFT of M0 on IFT only (data.build_eft, eft.policy_prompts)")
 BASELINE_EVAL = Stage("baseline_eval", _baseline_eval, reads=("baseline", "data"), writes=("baseline_eval",),
                       section="loop", when=lambda cfg: cfg.data.build_eft,
                       help="the environment's score and judge metrics of the SFT baseline")
@@ -325,7 +329,7 @@ H2H = Stage("h2h", _h2h, reads=("M_t", "M_next"), writes=("h2h",), section="loop
             help="M_{t+1} against M_t (and the SFT baseline), judged pairwise by M_{t+1} (loop.head_to_head)")
 REPORT = Stage("report", _report, writes=("report",), help="table, plot, report.json and TensorBoard events")
 
-GRAPH = Graph(bootstrap=(DATA, SFT_BASELINE, EFT_JUDGE, EFT_BUILD, BASELINE_EVAL, SFT, EVAL),
+GRAPH = Graph(bootstrap=(DATA, SFT_BASELINE, EFT_JUDGE, EFT_BUILD, EFT_ANSWERS, BASELINE_EVAL, SFT, EVAL),
               iteration=(selfreward.PROMPTS, selfreward.CANDIDATES, selfreward.JUDGEMENTS, selfreward.PAIRS, JUDGE_PAIRS,
                          DPO, EVAL, H2H),
               final=(REPORT,))

@@ -2,6 +2,9 @@
 
 Each (variant, seed) is an ordinary run directory, `<out>/<variant>/seed<k>`, run by `jaxsr.loop.run`: a finished
 one is read, an interrupted one resumes, so rerunning the same sweep after a kill loses at most one stage's work.
+A control changes `pairs.control` alone, so its run starts from a copy of the self run's stages before the first
+pairs stage (seed data, SFT, M1's evaluation, iteration 1's prompts, candidates and judgements: `shared_stages`),
+which it would compute byte for byte the same (tests/test_sweep.py checks a shared run against a fresh one).
 Variants: "self" (the config as given) and the controls `pairs.control` names ("random", "oracle"; the world).
 The aggregate (`<out>/sweep.json`, `sweep.md`, `sweep.png`) has, per variant and model, the mean, sample standard
 deviation and standard error over seeds of the environment's first report column, the judge's pairwise accuracy
@@ -47,6 +50,8 @@ def run_sweep(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
         cfg.check_run()  # every config's mistakes before the first run starts
     rows = {}
     for (v, s), cfg in cfgs.items():
+        if v != "self":
+            copy_shared_stages(cfgs[("self", s)], cfg)
         rows[(v, s)] = [{k: x for k, x in r.items() if k != "samples"} for r in run(cfg)]
     from .envs import environment_class
 
@@ -60,6 +65,52 @@ def run_sweep(config: str | None, overrides: Sequence[str], seeds: Sequence[int]
     (out / "sweep.md").write_text(markdown(result))
     plot(result, out / "sweep.png", env.report_axes)
     return result
+
+
+def shared_stages(cfg) -> list[tuple[str, int, object]]:
+    """(manifest key, iteration, stage) of the stages before the first pairs stage: what a control computes as the
+    self run of its seed does."""
+    from .pipeline import GRAPH
+
+    out = []
+    for phase, t, stage in GRAPH.schedule(cfg.loop.iterations, cfg):
+        if stage.section == "pairs":
+            break
+        out.append((stage.key(phase, t), t, stage))
+    return out
+
+
+def copy_shared_stages(src_cfg, dst_cfg) -> list[str]:
+    """Starts the control run `dst_cfg` from copies of the shared stages its seed's self run `src_cfg` has done
+    (none when the control's run directory exists already, or the configs differ in more than pairs.control);
+    returns the stage keys copied."""
+    import shutil
+
+    from .config import to_dict
+    from .loop import MANIFEST, Manifest, _flatten
+    from .stages import RunPaths
+
+    src, dst = Path(src_cfg.run_dir), Path(dst_cfg.run_dir)
+    a, b = _flatten(to_dict(src_cfg)), _flatten(to_dict(dst_cfg))
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)} - {"run_dir", "pairs.control"}
+    if differ or dst.exists() or not (src / MANIFEST).is_file():
+        return []
+    done = json.loads((src / MANIFEST).read_text())["stages"]
+    src_paths, dst_paths = RunPaths(src), RunPaths(dst)
+    copied = {}
+    for key, t, stage in shared_stages(src_cfg):
+        if done.get(key, {}).get("status") != "done":
+            break
+        for name in stage.writes:
+            frm, to = src_paths.artifact(name, t)[1], dst_paths.artifact(name, t)[1]
+            to.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if frm.is_dir() else shutil.copy2)(frm, to)
+        copied[key] = done[key]
+    if copied:
+        manifest = Manifest(dst, dst_cfg)
+        manifest.data["stages"].update(copied)
+        manifest.save()
+    return list(copied)
 
 
 def _stats(values: list[float]) -> dict:

@@ -241,3 +241,23 @@ def test_committed_tokenizer_matches_the_script(tok):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.train().get_vocab() == tok.get_vocab()
+
+
+def test_judge_words_names_each_list_words_topic_before_the_criteria():
+    from jaxsr.world.data import world_records
+
+    text = judge_target(FRUITS3, "Sure:\napple, LION, ship, apple", words=True)
+    assert text == ("words: apple fruits, LION animals, ship vehicles, apple fruits.\n"
+                    "relevant yes. topic no. count no. format yes. clean no: case, repeats, extraneous.\nScore: 2")
+    assert judge_target(FRUITS3, "apple, grape, plum", words=True) == (
+        "words: apple fruits, grape fruits, plum fruits.\n"
+        "relevant yes. topic yes. count yes. format yes. clean yes.\nScore: 5")
+    assert parse_score(text) == grade(FRUITS3, "Sure:\napple, LION, ship, apple")[0] == 2
+    assert judge_target(FRUITS3, "nothing here", words=True) == (
+        "words: none.\nrelevant no. topic no. count no. format no. clean no.\nScore: 0")
+    plain = world_records(seed=3, num_ift=4, num_eft=20, num_eval=2, num_rm_eval=2)
+    worded = world_records(seed=3, num_ift=4, num_eft=20, num_eval=2, num_rm_eval=2, judge_words=True)
+    for a, b in zip(plain["eft"], worded["eft"]):  # the same rows, only the judgement's first line added
+        assert b["response"].startswith("words: ") and parse_score(b["response"]) == parse_score(a["response"])
+        assert b["response"].split("\n")[1].split(" clean")[0] == a["response"].split(" clean")[0]
+        assert {k: v for k, v in a.items() if k != "response"} == {k: v for k, v in b.items() if k != "response"}

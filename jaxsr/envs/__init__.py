@@ -82,6 +82,16 @@ class Environment:
     def has_prompt_grader(cls) -> bool:
         return cls.prompt_grader is not Environment.prompt_grader
 
+    def prompt_judge(self, seed: int, streams: Sequence[str], n: int, held_out: set[str]):
+        """The ground-truth judgement `(prompt, response) -> (score, text)` of the prompts `new_prompts(seed,
+        stream, n, held_out)` gave for `streams`, the text in the answer format its judge template asks for (the
+        EFT target): for EFT from the policy's own answers (`eft.policy_prompts`, jaxsr/eft_answers.py)."""
+        raise NotImplementedError(f"environment {self.name!r} cannot judge the prompts it generates")
+
+    @classmethod
+    def has_prompt_judge(cls) -> bool:
+        return cls.prompt_judge is not Environment.prompt_judge
+
     def eval_metrics(self, scores: Sequence[float]) -> dict:
         return {}
 

@@ -28,6 +28,9 @@ class World(Environment):
           eval: held-out instructions for the world score; rm_eval: held-out ranked candidates for the judge.
           meta_eft: meta-judge examples added to EFT (which of two judgements of a response is right), so that
             Meta-Rewarding's meta-judge (meta.enabled) is trained on the format it is asked in.
+          judge_words: every EFT judgement (the seed's and `eft.policy_prompts`') first names the topic of each
+            list word of the response (`words: lion animals, ship vehicles.`), then the criteria and the score:
+            the judge's worked reasoning, as the paper's judge justifies its score before giving it.
         """
 
         ift: int = 2000
@@ -35,13 +38,14 @@ class World(Environment):
         eval: int = 200
         rm_eval: int = 100
         meta_eft: int = 0
+        judge_words: bool = False
 
     def seed_data(self, seed: int) -> dict[str, list[dict]]:
         from ..world.data import world_records
 
         o = self.options
         return world_records(seed=seed, num_ift=o.ift, num_eft=o.eft, num_eval=o.eval, num_rm_eval=o.rm_eval,
-                             num_meta_eft=o.meta_eft)
+                             num_meta_eft=o.meta_eft, judge_words=o.judge_words)
 
     def new_prompts(self, seed: int, stream: str, n: int, held_out: set[str]) -> list[str]:
         # The tiny model is not trained to write instructions, so the world's task sampler plays the paper's
@@ -56,6 +60,15 @@ class World(Environment):
 
         specs = {t.instruction: t.spec for stream in streams for t in new_tasks(seed, stream, n, held_out)}
         return lambda prompt, response: float(grade(specs[prompt], response)[0])
+
+    def prompt_judge(self, seed: int, streams: Sequence[str], n: int, held_out: set[str]):
+        from ..world.data import new_tasks
+        from ..world.tasks import grade, judge_target
+
+        specs = {t.instruction: t.spec for stream in streams for t in new_tasks(seed, stream, n, held_out)}
+        words = self.options.judge_words
+        return lambda prompt, response: (float(grade(specs[prompt], response)[0]),
+                                         judge_target(specs[prompt], response, words))
 
     def grade(self, row: dict, response: str) -> float:
         from ..world.tasks import grade

@@ -60,21 +60,22 @@ def eval_reference_rankings(tasks: list[Task], rng: random.Random, num_candidate
     return rows
 
 
-def eft_row(task: Task, candidate: str, template: str = WORLD_JUDGE_TEMPLATE) -> dict:
-    """One EFT example: the judge request as the prompt, the rubric judgement as the response."""
+def eft_row(task: Task, candidate: str, template: str = WORLD_JUDGE_TEMPLATE, words: bool = False) -> dict:
+    """One EFT example: the judge request as the prompt, the rubric judgement as the response (`words`: with the
+    topic of each list word first, `judge_target`)."""
     return {"prompt": render_judge_prompt(template, task.instruction, candidate),
-            "response": judge_target(task, candidate), "instruction": task.instruction,
+            "response": judge_target(task, candidate, words), "instruction": task.instruction,
             "candidate": candidate, "score": grade(task, candidate)[0], "spec": json.dumps(task.spec, sort_keys=True)}
 
 
-def meta_eft_row(task: Task, rng: random.Random, template: str = WORLD_JUDGE_TEMPLATE) -> dict:
+def meta_eft_row(task: Task, rng: random.Random, template: str = WORLD_JUDGE_TEMPLATE, words: bool = False) -> dict:
     """One meta-judge training example (Meta-Rewarding, jaxsr.metareward): a response, its right judgement and the
     judgement of another response to the same task (a wrong score), in a random order; the target names the right
     one in the meta-judge's format."""
     level = rng.randrange(6)
     candidate = degraded_response(task, rng, level)
-    right = judge_target(task, candidate)
-    wrong = judge_target(task, degraded_response(task, rng, rng.choice([x for x in range(6) if x != level])))
+    right = judge_target(task, candidate, words)
+    wrong = judge_target(task, degraded_response(task, rng, rng.choice([x for x in range(6) if x != level])), words)
     right_first = rng.random() < 0.5
     a, b = (right, wrong) if right_first else (wrong, right)
     return {"prompt": render_meta_prompt(template, task.instruction, candidate, a, b),
@@ -83,8 +84,10 @@ def meta_eft_row(task: Task, rng: random.Random, template: str = WORLD_JUDGE_TEM
 
 
 def world_records(seed: int = 0, num_ift: int = 2000, num_eft: int = 2000, num_eval: int = 200,
-                  num_rm_eval: int = 100, num_candidates: int = 4, num_meta_eft: int = 0) -> dict[str, list[dict]]:
-    """All splits as lists of dicts (see SPLITS and docs/world.md for the columns)."""
+                  num_rm_eval: int = 100, num_candidates: int = 4, num_meta_eft: int = 0,
+                  judge_words: bool = False) -> dict[str, list[dict]]:
+    """All splits as lists of dicts (see SPLITS and docs/world.md for the columns). `judge_words`: the EFT
+    judgements name each list word's topic first (`judge_target(..., words=True)`)."""
     eval_tasks = _unique_tasks(_rng(seed, "eval"), num_eval, set())
     rm_tasks = _unique_tasks(_rng(seed, "rm_eval"), num_rm_eval, {t.instruction for t in eval_tasks})
     held_out = {t.instruction for t in eval_tasks + rm_tasks}
@@ -101,10 +104,10 @@ def world_records(seed: int = 0, num_ift: int = 2000, num_eft: int = 2000, num_e
     eft = []
     for _ in range(num_eft):
         task = _train_task(rng, held_out)
-        eft.append(eft_row(task, degraded_response(task, rng, rng.randrange(6))))
+        eft.append(eft_row(task, degraded_response(task, rng, rng.randrange(6)), words=judge_words))
     # Meta-judge rows (the world option meta_eft) from their own stream: the other splits stay as they were.
     rng = _rng(seed, "meta_eft")
-    eft += [meta_eft_row(_train_task(rng, held_out), rng) for _ in range(num_meta_eft)]
+    eft += [meta_eft_row(_train_task(rng, held_out), rng, words=judge_words) for _ in range(num_meta_eft)]
 
     seed_prompts = list(dict.fromkeys(r["prompt"] for r in ift))
     return {
