@@ -21,7 +21,7 @@ def assert_close(ours, ref, what=""):
     """float32 agreement: max |difference| within 1e-5 of the reference's magnitude."""
     ours, ref = np.asarray(ours), np.asarray(ref)
     assert np.isfinite(ours).all(), what
-    err, scale = np.abs(ours - ref).max(), max(1.0, np.abs(ref).max())
+    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
     assert err <= 1e-5 * scale, f"{what}: max |difference| {err:.3g} at magnitude {scale:.3g}"
     print(f"{what}: max |difference| {err:.3g} at magnitude {scale:.3g}")  # shown with pytest -s
     return err
@@ -53,19 +53,19 @@ def _packed(T):
 
 
 CASES = {
-    # name: (T, H, K, rows, sliding_window, packed)
-    "causal": (256, 4, 4, "whole", None, False),
-    "padded": (256, 2, 2, "ragged", None, False),
-    "packed": (256, 2, 2, "packed", None, False),
-    "sliding_window": (256, 2, 2, "ragged", 48, False),
-    "gqa": (256, 4, 2, "ragged", None, False),
-    "unaligned_T": (200, 4, 1, "ragged", 80, False),  # T padded to the block (256) and cut back; MQA
+    # name: (T, H, K, rows, sliding_window); rows: whole, ragged (`_rows`) or packed (`_packed`)
+    "causal": (256, 4, 4, "whole", None),
+    "padded": (256, 2, 2, "ragged", None),
+    "packed": (256, 2, 2, "packed", None),
+    "sliding_window": (256, 2, 2, "ragged", 48),
+    "gqa": (256, 4, 2, "ragged", None),
+    "unaligned_T": (200, 4, 1, "ragged", 80),  # T padded to the block (256) and cut back; one kv head
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_splash_equals_xla_forward_and_gradient(case):
-    T, H, K, rows, window, _ = CASES[case]
+    T, H, K, rows, window = CASES[case]
     E = 32
     if rows == "packed":
         valid_BxT, seg_BxT = _packed(T)
@@ -208,3 +208,63 @@ def test_branch_rows_keep_the_xla_path():
     np.testing.assert_array_equal(np.asarray(h_auto), np.asarray(h_xla))
     with pytest.raises(ValueError, match="shared-prefix"):
         decoder.hidden_states(params, cfg, ids, pos, jnp.ones((2, 16), bool), attention="splash", **kw)
+
+
+def test_sharded_dpo_step_with_splash_equals_xla(fixtures_dir):
+    """The trainer's DPO step (two rows per pair) on a (data 2, fsdp 2, tensor 2) mesh: loss, metrics and gradient of
+    every parameter with the kernel (under shard_map inside the step's jit) as with the XLA path."""
+    import jaxsr
+    from jaxsr import data, objectives, train
+    from jaxsr.config import DpoSection
+
+    pol = jaxsr.load_policy(fixtures_dir / "hf" / "llama3", mesh=make_mesh(2, 2, 2))  # 4 heads, 2 kv heads
+    records = [{"prompt": f"Say {w}.", "chosen": f"{w}!", "rejected": f"not {w}, {u} instead", "ref_chosen_logps": -9.0,
+                "ref_rejected_logps": -12.0} for w, u in (("yes", "no"), ("apple", "river"), ("stone", "cloud"))]
+    pairs, _ = data.tokenize_pairs(pol.tokenizer, records, max_length=64, need_ref=True)
+    section = DpoSection(batch_size=4, dropout=0.0, max_length=64, shared_prompt=False)
+    tx, schedule = train.make_optimizer(section, 10)
+    batch = data.pair_batch(pairs, [[0], [1], [2]], batch_size=4, max_length=64, shared_prompt=False)
+    out = {}
+    for attention in ("xla", "splash"):
+        _, grads_fn, _ = train.make_step_fns(objectives.dpo_objective(section), pol.config, pol.mesh, tx, schedule,
+                                             attention=attention)
+        out[attention] = jax.jit(grads_fn)(pol.params, batch, None, None)
+    (g_ref, m_ref), (g, m) = out["xla"], out["splash"]
+    for k in m_ref:
+        assert_close(m[k], m_ref[k], k)
+    for path, a in jax.tree_util.tree_leaves_with_path(g):
+        assert_close(a, functools.reduce(lambda t, k: t[k.key], path, g_ref), jax.tree_util.keystr(path))
+
+
+def test_the_option_reaches_the_policy_and_the_sampler(fixtures_dir):
+    from jaxsr.chat import load_chat_policy
+    from jaxsr.config import ModelSection
+
+    pol = load_chat_policy(fixtures_dir / "hf" / "llama3", ModelSection(attention="splash"), make_mesh(2, 2, 2))
+    assert pol.attention == "splash" and pol.with_params(pol.params).attention == "splash"
+    assert pol.for_decode().attention == "splash"  # the prefill's
+
+
+# --- ahead of time, for a TPU topology ----------------------------------------------------------------------------
+
+@needs_libtpu
+def test_sharded_training_step_with_splash_compiles_for_tpu():
+    """The packed SFT step (forward and backward) of the tiny model for v5e:2x2 (mesh fsdp 2 x tensor 2): with
+    model.attention=auto on TPU devices the kernel lowers through Mosaic under shard_map (the optimized HLO holds
+    its custom call); with xla it does not."""
+    from jaxsr import plan_compile
+    from jaxsr.config import load_config
+    from jaxsr.plan import resolve_model
+
+    devices = plan_compile.abstract_devices(plan_compile.parse_topology("v5e:2x2"))
+    hlo = {}
+    for attention in ("auto", "xla"):
+        run = load_config(None, ["model.architecture.num_layers=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                                 "sft.max_length=192", "sft.batch_size=4", "sft.packing=true",
+                                 f"model.attention={attention}"])
+        mesh = make_mesh(1, 2, 2, devices=devices)
+        step, args = plan_compile._step_program("sft", resolve_model(run)[0], run, mesh)
+        hlo[attention] = step.lower(*args).compile().as_text()
+    for kernel in ("splash_mha_fwd_segmented", "splash_mha_dq_segmented", "splash_mha_dkv_segmented"):
+        assert kernel in hlo["auto"], kernel  # forward, and both halves of the backward pass
+    assert "tpu_custom_call" in hlo["auto"] and "tpu_custom_call" not in hlo["xla"]
