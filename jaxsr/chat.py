@@ -102,4 +102,5 @@ def load_chat_policy(path, model, mesh, *, sample_only: bool = False, decode_ten
 
     tokenizer = load_chat_tokenizer(path, model)
     dtypes = {"dtype": model.dtype, "param_dtype": model.dtype} if sample_only else model.dtypes
-    return dataclasses.replace(load_policy(path, **dtypes, mesh=mesh), tokenizer=tokenizer, decode_tensor=decode_tensor)
+    return dataclasses.replace(load_policy(path, **dtypes, mesh=mesh), tokenizer=tokenizer, decode_tensor=decode_tensor,
+                               attention=model.attention)

@@ -107,6 +107,9 @@ class ModelSection:
         weights that small updates move; with bfloat16 an update below half a bfloat16 ulp of a weight (|w|/512
         or so: 2e-5 at |w| = 0.01) rounds away, which at the paper's DPO lr of 1e-6 is nearly every update.
       remat: rematerialisation of each decoder layer in training: none, dots, full.
+      attention: how a chunk attends to its own keys (training, log-probs, prefill; docs/training.md): xla (scores
+        materialised), splash (the Pallas splash kernel; off TPU in interpret mode, for tests) or auto (splash on
+        TPU, xla elsewhere). Shared-prompt DPO rows and decode steps always take the XLA path.
     """
 
     path: str = ""
@@ -117,11 +120,13 @@ class ModelSection:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
+        _choice("model.attention", self.attention, ("xla", "splash", "auto"))
         from .chat import CHAT_TEMPLATES
 
         template = self.chat_template
@@ -393,6 +398,11 @@ class JaxsrConfig:
         from .envs import environment_class
 
         env = environment_class(self.data.source)
+        if self.model.attention == "splash" and self.dpo.shared_prompt:
+            raise ConfigValueError("model.attention=splash with dpo.shared_prompt=true: a shared-prompt row (the "
+                                   "rejected response sees the prompt but not the chosen one) is not a mask the splash "
+                                   "kernel takes; set dpo.shared_prompt=false (two rows per pair) or "
+                                   "model.attention=auto (those rows on the XLA path)")
         if self.model.path and env.only_from_scratch:
             raise ConfigValueError(f"model.path={self.model.path!r} with data.source={env.name!r}: "
                                    f"{env.only_from_scratch}; "

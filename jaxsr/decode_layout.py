@@ -33,6 +33,7 @@ class DecodeModel:
       rules: `decode_rules`: what `params`, the KV cache, the rows and the activations are sharded by.
       dtype: the compute dtype name (the matmuls' operands and the KV cache).
       kv_repeat: how many times each kv head is repeated (1: none).
+      attention: the prefill's attention, the policy's (xla, splash or auto).
     """
 
     config: ModelConfig
@@ -41,6 +42,7 @@ class DecodeModel:
     rules: ShardingRules
     dtype: str
     kv_repeat: int
+    attention: str = "xla"
 
     @property
     def tensor(self) -> int:
@@ -95,4 +97,4 @@ def build(policy: Policy, tensor: int | None = None) -> DecodeModel:
                       in_shardings=(param_shardings(cfg, policy.mesh, policy.rules),),
                       out_shardings=layer_param_shardings(dcfg, policy.mesh, policy.rules))
     params = jax.device_put(prepare(policy.params), layer_param_shardings(dcfg, mesh, rules))
-    return DecodeModel(dcfg, params, mesh, rules, policy.dtype, repeat)
+    return DecodeModel(dcfg, params, mesh, rules, policy.dtype, repeat, policy.attention)

@@ -38,7 +38,8 @@ def digit_id_table(tok) -> tuple[tuple[int, ...], ...]:
 
 
 @functools.lru_cache(maxsize=32)
-def digit_mass_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, digit_ids: tuple[tuple[int, ...], ...]):
+def digit_mass_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, digit_ids: tuple[tuple[int, ...], ...],
+                  attention: str = "xla"):
     """Jitted (params, ids [B, T], mask [B, T]) -> [B, 6] float32: each score's probability at the last position
     of left-padded rows, summed over its spellings. One compilation per padded length (jit's shape cache)."""
     width = max(1, max(len(ids) for ids in digit_ids))
@@ -48,7 +49,7 @@ def digit_mass_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, digi
 
     def masses(params, ids_BxT, mask_BxT):
         h_BxTxD, _ = decoder.hidden_states(params, cfg, ids_BxT, decoder.positions_from_mask(mask_BxT), mask_BxT,
-                                           dtype=DTYPES[dtype], mesh=mesh)
+                                           dtype=DTYPES[dtype], mesh=mesh, rules=rules, attention=attention)
         # Left padding puts every row's score position last; the LM head sees that position only.
         logits_BxV = decoder.lm_head(params, cfg, h_BxTxD[:, -1], DTYPES[dtype])
         probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)  # lm_head returns float32
@@ -66,5 +67,6 @@ def digit_masses(policy: Policy, ids_BxT: np.ndarray, mask_BxT: np.ndarray) -> n
     With several processes every process must call it with the same rows; each returns all the masses.
     """
     policy = policy.for_compute()  # the compute-dtype copy sampling uses, made once per model
-    fn = digit_mass_fn(policy.config, policy.mesh, policy.dtype, policy.rules, digit_id_table(policy.tokenizer))
+    fn = digit_mass_fn(policy.config, policy.mesh, policy.dtype, policy.rules, digit_id_table(policy.tokenizer),
+                       policy.attention)
     return call_on_rows(policy, fn, ids_BxT, mask_BxT)

@@ -76,7 +76,7 @@ class Objective:
 # --- the forward the losses share ---------------------------------------------------------------------------
 
 def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_rate: float = 0.0, remat: str = "none",
-                 mesh=None, unroll: int | bool = 1):
+                 mesh=None, unroll: int | bool = 1, attention: str = "xla"):
     """Summed log-probs of each row's target (response) tokens and their count: ([N, ...] float32, [N, ...] int32).
 
     The targets are `target_pos`/`target_ids`/`target_mask` [N, R], or [N, k, R] for k responses per row
@@ -86,7 +86,7 @@ def target_logps(params, rows: Batch, rng, *, cfg: ModelConfig, dtype, dropout_r
     h_NxTxD, _ = decoder.hidden_states(
         params, cfg, rows["ids"], rows["positions"], rows["mask"], segment_ids_BxT=rows.get("segment_ids"),
         branch_ids_BxT=rows.get("branch"), dtype=dtype, dropout_rate=dropout_rate if rng is not None else 0.0,
-        rng=rng, remat=remat, mesh=mesh, unroll=unroll)
+        rng=rng, remat=remat, mesh=mesh, unroll=unroll, attention=attention)
     pos = rows["target_pos"]
     N, lead = pos.shape[0], pos.shape[:-1]
     h_NxRxD = jnp.take_along_axis(h_NxTxD, pos.reshape(N, -1)[..., None], axis=1)

@@ -84,7 +84,7 @@ def initial_policy(ctx: Context) -> Policy:
                        eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
     mesh = ctx.mesh if ctx.mesh is not None else cfg.mesh.build(mcfg.hidden_size)
     policy = random_policy(mcfg, seed=cfg.model.init_seed, **cfg.model.dtypes, mesh=mesh, tokenizer=tok)
-    return dataclasses.replace(policy, decode_tensor=cfg.sample.decode_tensor)
+    return dataclasses.replace(policy, decode_tensor=cfg.sample.decode_tensor, attention=cfg.model.attention)
 
 
 def promote(src: Path, dst: Path, *, copy: bool = False) -> None:

@@ -131,7 +131,7 @@ def _step_program(kind: str, model_cfg, run_cfg, mesh, *, num_layers=None, micro
     dtype, pdtype = DTYPES[run_cfg.model.dtype], DTYPES[run_cfg.model.param_dtype]
     tx, schedule = train.make_optimizer(section, 1000)
     step, _, state_sh = train.make_step_fns(objective, cfg, mesh, tx, schedule, dtype=dtype, remat=run_cfg.model.remat,
-                                            param_dtype=pdtype, unroll=unroll)
+                                            param_dtype=pdtype, unroll=unroll, attention=run_cfg.model.attention)
     host = objective.batches(_worst_items(section, kind), multiple=batch_multiple(mesh), pad_id=0)(
         [[i] for i in range(section.batch_size)])
     b_sh = batch_sharding(mesh, micro_axis=True)
@@ -155,7 +155,7 @@ def _reference_program(model_cfg, run_cfg, mesh):
 
     sec = run_cfg.dpo
     size = inspect.signature(train.reference_logps).parameters["batch_size"].default  # as the pairs stage calls it
-    fn = train._reference_fn(model_cfg, mesh, run_cfg.model.dtype, DEFAULT_RULES)
+    fn = train._reference_fn(model_cfg, mesh, run_cfg.model.dtype, DEFAULT_RULES, run_cfg.model.attention)
     host = pair_batch(_worst_items(dataclasses.replace(sec, batch_size=size), "dpo"), [[i] for i in range(size)],
                       batch_size=size, multiple=batch_multiple(mesh), max_length=sec.max_length,
                       shared_prompt=sec.shared_prompt)
@@ -323,7 +323,7 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
         compiled["prefill"], compiled["decode"] = sampler.programs(
             model_cfg, mesh, run_cfg.model.dtype, DEFAULT_RULES,
             sampling_mode(s.temperature, s.top_p, s.top_k, model_cfg.vocab_size), B, P, N, sampler.EOS_SLOTS,
-            stop_shape)
+            stop_shape, run_cfg.model.attention)
         programs["prefill"] = {"compile_seconds": time.perf_counter() - t}
         programs["decode"] = {"compile_seconds": 0.0}  # compiled with the prefill (sampler.programs)
     for name, c in compiled.items():

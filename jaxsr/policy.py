@@ -48,6 +48,8 @@ class Policy:
       rules: the logical-axis rules `params` are sharded by on `mesh`.
       decode_tensor: the tensor-parallel size of the sampler's layout (`for_decode`); None: chosen from the
         devices and the model.
+      attention: how a chunk attends to its own keys in training, log-probs and prefill: xla, splash or auto
+        (splash on TPU; jaxsr/model/attention_kernels.py).
     """
 
     config: ModelConfig
@@ -59,6 +61,7 @@ class Policy:
     generation_config: dict = dataclasses.field(default_factory=dict)
     rules: ShardingRules = DEFAULT_RULES
     decode_tensor: int | None = None
+    attention: str = "auto"
     # The copies for_compute() and for_decode() made; dataclasses.replace (with_params, a trained policy) drops them.
     _compute: "Policy | None" = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _decode: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
@@ -310,10 +313,11 @@ def save_hf(policy: Policy, out_dir, *, dtype: str | None = None, max_shard_byte
 # --- forward -----------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def _forward_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+def _forward_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, attention: str):
     # Parameters keep their FSDP x tensor shardings; the batch is split over data x fsdp.
     def fwd(params, ids_BxT, mask_BxT):
-        return decoder.forward(params, cfg, ids_BxT, mask_BxT, dtype=DTYPES[dtype], mesh=mesh)
+        return decoder.forward(params, cfg, ids_BxT, mask_BxT, dtype=DTYPES[dtype], mesh=mesh, rules=rules,
+                               attention=attention)
 
     return jax.jit(
         fwd,
@@ -346,7 +350,7 @@ def forward_logits(policy: Policy, input_ids, attention_mask=None) -> np.ndarray
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
     policy = policy.for_compute()
-    fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
+    fn = _forward_fn(policy.config, policy.mesh, policy.dtype, policy.rules, policy.attention)
     return call_on_rows(policy, fn, ids, mask).astype(np.float32)
 
 

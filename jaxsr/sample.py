@@ -213,7 +213,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
                             seed_key_2=seed_key_2)
     for B, P in sorted(set(shapes)):
         programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket, len(eos_E),
-                 stop_VxS.shape)  # compile here, once
+                 stop_VxS.shape, model.attention)  # compile here, once
     results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
     steps: dict[int, int] = {}
     bar = None

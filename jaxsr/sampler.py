@@ -88,7 +88,7 @@ def _knob_shardings(mesh):
 
 
 @functools.lru_cache(maxsize=64)
-def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int):
+def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int, attention: str = "xla"):
     """Jitted prefill: the prompts' keys and values in a fresh cache of P + new_bucket slots, and the logits
     of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
 
@@ -103,7 +103,7 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
         valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
         h_BxPxD, cache = decoder.hidden_states(params, cfg, ids_BxP, decoder.positions_from_mask(mask_BxP), valid_BxS,
                                                cache=cache._replace(valid_BxS=valid_BxS), cache_index=0,
-                                               dtype=DTYPES[dtype], mesh=mesh, rules=rules)
+                                               dtype=DTYPES[dtype], mesh=mesh, rules=rules, attention=attention)
         # Left padding puts every row's last prompt token in the last column: only it needs logits.
         return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:], DTYPES[dtype])[:, 0]
 
@@ -167,9 +167,10 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
 
 @functools.lru_cache(maxsize=64)
 def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int, prompt_bucket: int,
-              new_bucket: int, eos_slots: int, stop_shape: tuple[int, int]):
+              new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla"):
     """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
-    chunks running in parallel threads never compile the same program twice."""
+    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's (decode
+    steps take the XLA path)."""
     B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
     sds = jax.ShapeDtypeStruct
     b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
@@ -178,7 +179,7 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
     params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), shapes,
                           layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
     ids, mask = sds((B, P), jnp.int32, sharding=b2), sds((B, P), bool, sharding=b2)
-    prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket).lower(params, ids, mask).compile()
+    prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket, attention).lower(params, ids, mask).compile()
     K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     k_layer = sds((B, K, E, S), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
     v_layer = sds((B, K, S, E), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
@@ -216,7 +217,7 @@ def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int], *
     # Padding rows get one real token so their (discarded) attention is well defined.
     mask_BxP[len(chunk):, -1] = True
     prefill, decode = programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket,
-                               len(knobs.eos_E), knobs.stop_VxS.shape)
+                               len(knobs.eos_E), knobs.stop_VxS.shape, model.attention)
     # Every process builds the same chunk; each device is given only its own rows (see jaxsr.distributed).
     b1, b2 = batch_sharding(model.mesh, 1, model.rules), batch_sharding(model.mesh, 2, model.rules)
     rep = replicated(model.mesh)

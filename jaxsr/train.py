@@ -101,12 +101,15 @@ def _train_step(state: State, batch: Batch, rng, ref_params, *, grads_fn, tx, sc
 
 
 def make_step_fns(objective: Objective, cfg: ModelConfig, mesh, tx, schedule, *, dtype=jnp.float32,
-                  remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None, unroll=None):
+                  remat: str = "none", rules: ShardingRules = DEFAULT_RULES, param_dtype=None, unroll=None,
+                  attention: str = "xla"):
     """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings).
 
-    unroll: the layer scan's unrolling (None: `layer_unroll`; plan_compile unrolls to cost every layer)."""
+    unroll: the layer scan's unrolling (None: `layer_unroll`; plan_compile unrolls to cost every layer).
+    attention: xla, splash or auto (jaxsr/model/attention_kernels.py)."""
     fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=objective.section.dropout, remat=remat,
-                            mesh=mesh, unroll=layer_unroll(cfg, remat) if unroll is None else unroll)
+                            mesh=mesh, unroll=layer_unroll(cfg, remat) if unroll is None else unroll,
+                            attention=attention)
     grads_fn = functools.partial(batch_grads, loss_fn=functools.partial(objective.loss, fwd=fwd),
                                  normaliser=objective.normaliser)
     state_sh = state_shardings(cfg, mesh, tx, param_dtype or dtype, rules)
@@ -127,12 +130,12 @@ def make_step_fns(objective: Objective, cfg: ModelConfig, mesh, tx, schedule, *,
 
 
 @functools.lru_cache(maxsize=8)
-def _step_for(objective: Objective, cfg, mesh, total_steps, dtype, remat, rules, param_dtype):
+def _step_for(objective: Objective, cfg, mesh, total_steps, dtype, remat, rules, param_dtype, attention):
     """(optimizer, jitted step, state shardings), shared by runs whose steps compile to the same program (objectives
     compare by their step fields)."""
     tx, schedule = make_optimizer(objective.section, total_steps)
     step, _, state_sh = make_step_fns(objective, cfg, mesh, tx, schedule, dtype=dtype, remat=remat, rules=rules,
-                                      param_dtype=param_dtype)
+                                      param_dtype=param_dtype, attention=attention)
     return tx, step, state_sh
 
 
@@ -145,8 +148,9 @@ def to_device(batch: dict[str, np.ndarray], sharding) -> Batch:
 # --- reference log-probs ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=16)
-def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
-    fwd = functools.partial(target_logps, cfg=cfg, dtype=DTYPES[dtype], mesh=mesh, unroll=layer_unroll(cfg))
+def _reference_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, attention: str = "xla"):
+    fwd = functools.partial(target_logps, cfg=cfg, dtype=DTYPES[dtype], mesh=mesh, unroll=layer_unroll(cfg),
+                            attention=attention)
 
     def logps(params, rows):
         return pair_logps(fwd, params, rows, None)[0]
@@ -168,7 +172,7 @@ def reference_logps(policy: Policy, pairs: Sequence[dict], *, max_length: int = 
     toks, _ = data_lib.tokenize_pairs(policy.tokenizer, pairs, max_length=max_length, overlong=overlong,
                                       where="reference log-probs")
     policy = policy.for_compute()
-    fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules)
+    fn = _reference_fn(policy.config, policy.mesh, policy.dtype, policy.rules, policy.attention)
     m, rows_sh = batch_multiple(policy.mesh), batch_sharding(policy.mesh, rules=policy.rules)
     keys = ("ids", "positions", "mask", "target_pos", "target_ids", "target_mask") + (("branch",) if shared_prompt else ())
     out = np.full((len(pairs), 2), np.nan, np.float32)
@@ -250,7 +254,8 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
         _check_same_run(done, run_meta, final_dir)
         log.info("%s: %s already holds the final model of this run; loading it", stage, final_dir)
         return dataclasses.replace(load_policy(final_dir, dtype=policy.dtype, param_dtype=policy.param_dtype, mesh=mesh,
-                                               rules=policy.rules), decode_tensor=policy.decode_tensor)
+                                               rules=policy.rules), decode_tensor=policy.decode_tensor,
+                                   attention=policy.attention)
     if final_dir.exists() and distributed.is_primary():
         shutil.rmtree(final_dir)  # a final save cut short; it is redone from the last step checkpoint
     distributed.barrier(f"{stage}: clear {final_dir}")
@@ -261,7 +266,8 @@ def _run(objective: Objective, policy: Policy, items, work_dir, *, mesh, log_fn,
     if policy.param_dtype == "bfloat16":
         _warn_bfloat16_storage(stage, section.lr)
     total = plan.total_steps
-    tx, train_step, state_sh = _step_for(objective, cfg, mesh, total, dtype, remat, rules, param_dtype)
+    tx, train_step, state_sh = _step_for(objective, cfg, mesh, total, dtype, remat, rules, param_dtype,
+                                         policy.attention)
     opts = ocp.CheckpointManagerOptions(max_to_keep=section.keep_checkpoints, create=True,
                                         enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(steps_dir, options=opts)

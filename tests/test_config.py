@@ -67,6 +67,7 @@ def test_yaml_list_at_top_level_is_rejected(tmp_path):
     (["sft.batch_size=10", "sft.grad_accum=3"], r"sft.batch_size=10 is not divisible by sft.grad_accum=3"),
     (["model.dtype=float16"], r"model.dtype='float16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
     (["model.param_dtype=fp16"], r"model.param_dtype='fp16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
+    (["model.attention=flash"], r"model.attention='flash' is not allowed; choose one of \['xla', 'splash', 'auto'\]"),
     (["loop.iterations=0"], r"loop.iterations=0 must be > 0"),
     (["mesh.topology=h100-8"], r"mesh.topology='h100-8': expected e.g. v5e-8, v5p-128"),
     (["mesh.topology=v5p-6"], r"mesh.topology='v5p-6': v5p-6 is not a slice jaxsr knows"),
@@ -139,6 +140,16 @@ def test_run_checks_the_judge_template_of_environments_whose_eft_uses_their_own(
                                                r"set judge.template=env"):
         cfg.check_run()
     load_config(None, [f"data.source={source}", "judge.template=env"]).check_run()
+
+
+def test_run_checks_that_splash_attention_gets_rows_it_can_mask():
+    # A shared-prompt DPO row is not a mask the splash kernel takes (jaxsr/model/attention_kernels.py).
+    with pytest.raises(ConfigValueError, match=r"model.attention=splash with dpo.shared_prompt=true.*"
+                                               r"set dpo.shared_prompt=false \(two rows per pair\) or "
+                                               r"model.attention=auto"):
+        load_config(None, ["model.attention=splash", "judge.template=env"]).check_run()
+    load_config(None, ["model.attention=splash", "dpo.shared_prompt=false", "judge.template=env"]).check_run()
+    assert load_config(None, []).model.attention == "auto"
 
 
 def test_paper_config_is_the_paper():
