@@ -247,12 +247,14 @@ def test_judge_words_names_each_list_words_topic_before_the_criteria():
     from jaxsr.world.data import world_records
 
     text = judge_target(FRUITS3, "Sure:\napple, LION, ship, apple", words=True)
-    assert text == ("words: apple fruits, LION animals, ship vehicles, apple fruits.\n"
+    assert text == ("words: apple fruits lower, LION animals upper, ship vehicles lower, apple fruits lower.\n"
                     "relevant yes. topic no. count no. format yes. clean no: case, repeats, extraneous.\nScore: 2")
     assert judge_target(FRUITS3, "apple, grape, plum", words=True) == (
-        "words: apple fruits, grape fruits, plum fruits.\n"
+        "words: apple fruits lower, grape fruits lower, plum fruits lower.\n"
         "relevant yes. topic yes. count yes. format yes. clean yes.\nScore: 5")
     assert parse_score(text) == grade(FRUITS3, "Sure:\napple, LION, ship, apple")[0] == 2
+    assert judge_target({**FRUITS3, "case": "title"}, "Apple, GRAPE, pLum", words=True).startswith(
+        "words: Apple fruits title, GRAPE fruits upper, pLum fruits mixed.\n")
     assert judge_target(FRUITS3, "nothing here", words=True) == (
         "words: none.\nrelevant no. topic no. count no. format no. clean no.\nScore: 0")
     plain = world_records(seed=3, num_ift=4, num_eft=20, num_eval=2, num_rm_eval=2)

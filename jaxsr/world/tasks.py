@@ -159,20 +159,25 @@ def grade(task_or_spec, response: str) -> tuple[int, list[str]]:
     return sum(met.values()), why
 
 
+def case_name(word: str) -> str:
+    """The case a word is written in: one of CASES, or "mixed"."""
+    return next((case for case in CASES if _case_ok(word, case)), "mixed")
+
+
 def judge_target(task_or_spec, response: str, words: bool = False) -> str:
     """The EFT judgement: each criterion in fixed words, then ``Score: k`` with k = grade().
 
     `words`: the judge's worked reasoning first, as the paper's judge justifies its score before giving it: a
-    line naming each list word of the response as written, in order, with its topic (``words: Lion animals, ship
-    vehicles.``; ``words: none.`` when it has none), and after ``clean no`` the checks that failed (``clean no:
-    case, repeats.``: case, order, period, repeats, extraneous).
+    line naming each list word of the response as written, in order, with its topic and its case (``words: Lion
+    animals title, ship vehicles lower.``; ``words: none.`` when it has none), and after ``clean no`` the checks
+    that failed (``clean no: case, repeats.``: case, order, period, repeats, extraneous).
     """
     met, why = criteria(task_or_spec, response)
     if not words:
         verdicts = " ".join(f"{name} {'yes' if met[name] else 'no'}." for name in CRITERIA)
         return f"{verdicts}\nScore: {sum(met.values())}"
     items = [w for w in _WORD.findall(str(response)) if w.lower() in WORD_TOPIC]
-    named = ", ".join(f"{w} {WORD_TOPIC[w.lower()]}" for w in items) or "none"
+    named = ", ".join(f"{w} {WORD_TOPIC[w.lower()]} {case_name(w)}" for w in items) or "none"
     failed = [r.split(":")[0] for r in why if r.split(":")[0] in CLEAN_CHECKS]
     verdicts = " ".join(f"{name} {'yes' if met[name] else 'no'}"
                         + (f": {', '.join(failed)}" if name == "clean" and failed and met["relevant"] else "") + "."
