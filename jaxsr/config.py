@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 # Reading YAML files and overrides is jaxsr/configfile.py; its names stay importable from here.
 from .configfile import ConfigValueError, load_config, to_dict, to_yaml, unknown_key_error  # noqa: F401
 
+from .config_checks import backend_spec
 from .config_checks import check_model_dir  # noqa: F401 (part of this module's interface)
 from .config_checks import choice as _choice
 from .config_checks import positive as _positive
@@ -218,6 +219,10 @@ class SampleSection:
       decode_tensor: the tensor-parallel size of the sampler's layout (weights split over `tensor` devices, the
         others data-parallel replicas; docs/sampling.md); null: the largest that fits the devices and the model
         (at most 8). Results do not depend on it.
+      backend: the sampler every stage that samples calls (jaxsr/backends.py, docs/sampling.md#backends): "jaxsr"
+        (the built-in one) or "module:factory", an importable callable returning a SamplingBackend (an external
+        engine given M_t as a Hugging Face directory). Only the built-in one guarantees that a row depends on
+        (seed, prompt, sample index) alone; judge.mode=expected needs a backend that gives digit probabilities.
     """
 
     num_samples: int = 4
@@ -227,6 +232,7 @@ class SampleSection:
     top_k: int = 0
     max_batch_rows: int = 256
     decode_tensor: Optional[int] = None
+    backend: str = "jaxsr"
 
     def __post_init__(self):
         _positive("sample.num_samples", self.num_samples)
@@ -236,6 +242,7 @@ class SampleSection:
         _positive("sample.max_batch_rows", self.max_batch_rows)
         if self.decode_tensor is not None:
             _positive("sample.decode_tensor", self.decode_tensor)
+        backend_spec("sample.backend", self.backend)  # its form; the import is check_run's
 
 
 @dataclasses.dataclass
@@ -432,6 +439,12 @@ class JaxsrConfig:
                                    f"held-out prompts (eval or rm_eval) to compare models on; set loop.head_to_head="
                                    f"false and compare models afterwards on your own prompts with "
                                    f"`jaxsr eval --head-to-head A B --prompts FILE`")
+        if self.sample.backend != "jaxsr":
+            from .backends import check_expected_judge, resolve
+
+            resolve(self.sample.backend)  # importable, and names a callable: before any compute
+            if self.judge.mode == "expected":
+                check_expected_judge(self.sample.backend)
         if self.prompts.generator not in ("", "env"):
             check_model_dir("prompts.generator", self.prompts.generator)
         if self.dpo.eval_every and self.dpo.selection_judge:

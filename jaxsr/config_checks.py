@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -44,3 +45,20 @@ def sampling(section: str, temperature: float, top_p: float) -> None:
     positive(f"{section}.temperature", temperature, zero_ok=True)
     if not 0 < top_p <= 1:
         raise ConfigValueError(f"{section}.top_p={top_p!r} must be in (0, 1]")
+
+
+BUILTIN_BACKEND = "jaxsr"
+_BACKEND_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+
+
+def backend_spec(key: str, value: str) -> tuple[str, str] | None:
+    """(module, attribute) of a "module:factory" sampling backend, None for the built-in one; the form only (the
+    import is `jaxsr.backends.resolve`'s, when a run starts)."""
+    if value == BUILTIN_BACKEND:
+        return None
+    m = _BACKEND_SPEC.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ConfigValueError(f"{key}={value!r} is not a sampling backend; use {BUILTIN_BACKEND!r} (the built-in "
+                               f"sampler) or 'module:factory', an importable module and a callable in it that returns "
+                               f"a SamplingBackend (docs/sampling.md#backends)")
+    return m["module"], m["attr"]

@@ -106,11 +106,12 @@ def _eft_judge(ctx: Context) -> dict:
              for j, resp in enumerate(r["responses"])]
     k = cfg.eft.judgements_per_response if cfg.judge.mode == "sampled" else 1
     sec = dataclasses.replace(cfg.judge, num_judgements=k)
-    policy, template, seed = ctx.policy("baseline"), judge_template(ctx), ctx.seed()
+    policy, template, seed, backend = ctx.policy("baseline"), judge_template(ctx), ctx.seed(), ctx.backend()
 
     def grade(chunk, lo):
         reqs = [judge_request_ids(policy, template, it["prompt"], it["response"], sec.max_new_tokens) for it in chunk]
-        verdicts = judge(policy, [r[0] for r in reqs], sec, seed + lo, max_batch_rows=cfg.sample.max_batch_rows)
+        verdicts = judge(policy, [r[0] for r in reqs], sec, seed + lo, max_batch_rows=cfg.sample.max_batch_rows,
+                         backend=backend)
         return [{"source_id": it["source_id"], "response_id": it["response_id"], "rank": it["rank"], "judge_id": j,
                  "judge_text": text, "score": score, "response_truncated": truncated}
                 for it, (_, truncated), v in zip(chunk, reqs, verdicts) for j, (text, score, _) in enumerate(v)]

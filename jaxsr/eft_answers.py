@@ -25,7 +25,6 @@ from . import artifacts
 from .chat import chat_token_ids
 from .config import ConfigValueError
 from .judge import render_judge_prompt
-from .sample import generate
 from .selfreward import SHARD_PROMPTS, held_out_instructions, judge_template
 from .stages import Context, Stage, map_rows, write_rows
 
@@ -58,14 +57,14 @@ def _eft_answers(ctx: Context) -> dict:
     seed, held = ctx.seed(), set(held_out_instructions(ctx))
     prompts = env.new_prompts(seed, STREAM, n, held)
     truth = env.prompt_judge(seed, [STREAM], n, held)
-    policy = ctx.policy("baseline")
+    policy, backend = ctx.policy("baseline"), ctx.backend()
     out = Path(ctx.path("eft_answers"))
 
     def answer(chunk, lo):
         ids = chat_token_ids(policy.tokenizer, chunk)
-        outs = generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo,
-                        max_batch_rows=sec.max_batch_rows)
+        outs = backend.generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
+                                temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo,
+                                max_batch_rows=sec.max_batch_rows)
         rows = []
         for i, (prompt, comps) in enumerate(zip(chunk, outs)):
             for j, c in enumerate(comps):

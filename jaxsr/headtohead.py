@@ -11,18 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .backends import Backend, builtin
 from .chat import chat_token_ids
 from .evaluate import (PAIRWISE_TEMPLATE, head_to_head, load_pairwise_template, parse_pairwise_verdict,
                        render_pairwise_prompt)
 from .policy import Policy
-from .sample import DEFAULT_MAX_BATCH_ROWS, generate
+from .sample import DEFAULT_MAX_BATCH_ROWS
 
 
 def greedy_answers(policy: Policy, instructions: Sequence[str], *, max_new_tokens: int,
-                   max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> list[str]:
-    """The policy's greedy (temperature 0) answer to each instruction, each as one chat-templated user turn."""
-    outs = generate(policy, chat_token_ids(policy.tokenizer, list(instructions)), max_new_tokens=max_new_tokens,
-                    temperature=0.0, max_batch_rows=max_batch_rows)
+                   max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, backend: Backend | None = None) -> list[str]:
+    """The policy's greedy (temperature 0) answer to each instruction, each as one chat-templated user turn;
+    `backend`: the sampler (default: the built-in one)."""
+    backend = builtin() if backend is None else backend
+    outs = backend.generate(policy, chat_token_ids(policy.tokenizer, list(instructions)),
+                            max_new_tokens=max_new_tokens, temperature=0.0, max_batch_rows=max_batch_rows)
     return [o[0].text for o in outs]
 
 
@@ -60,17 +63,19 @@ def pairwise_request_ids(tokenizer, context: int, instruction: str, output_a: st
 
 def judge_both_orders(judge: Policy, instructions: Sequence[str], answers_a: Sequence[str],
                       answers_b: Sequence[str], *, max_new_tokens: int, template: str = PAIRWISE_TEMPLATE,
-                      max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> tuple[list[str], list[str], int]:
+                      max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, backend: Backend | None = None
+                      ) -> tuple[list[str], list[str], int]:
     """The judge's greedy replies with A's answer as output A (`texts_ab`) and as output B (`texts_ba`), and how
-    many requests had their outputs cut to fit the judge's context."""
+    many requests had their outputs cut to fit the judge's context; `backend`: the sampler (default: built-in)."""
+    backend = builtin() if backend is None else backend
     if not len(instructions) == len(answers_a) == len(answers_b):
         raise ValueError(f"{len(instructions)} instructions, {len(answers_a)} answers of A, {len(answers_b)} of B")
     ctx = judge.config.max_position_embeddings
     reqs = [pairwise_request_ids(judge.tokenizer, ctx, i, x, y, max_new_tokens=max_new_tokens, template=template)
             for first, second in ((answers_a, answers_b), (answers_b, answers_a))
             for i, x, y in zip(instructions, first, second)]
-    outs = generate(judge, [ids for ids, _ in reqs], max_new_tokens=max_new_tokens, temperature=0.0,
-                    max_batch_rows=max_batch_rows)
+    outs = backend.generate(judge, [ids for ids, _ in reqs], max_new_tokens=max_new_tokens, temperature=0.0,
+                            max_batch_rows=max_batch_rows)
     texts, n = [o[0].text for o in outs], len(instructions)
     return texts[:n], texts[n:], sum(cut for _, cut in reqs)
 
@@ -94,12 +99,13 @@ def result(names: tuple[str, str], judge_name: str, instructions: Sequence[str],
 
 def compare(policy_a: Policy, policy_b: Policy, instructions: Sequence[str], *, max_new_tokens: int,
             judge: Policy | None = None, judge_max_new_tokens: int, names: tuple[str, str] = ("A", "B"),
-            judge_name: str | None = None) -> dict:
+            judge_name: str | None = None, backend: Backend | None = None) -> dict:
     """A against B on `instructions`; the judge is A itself unless given. Returns `result(...)`."""
-    answers_a = greedy_answers(policy_a, instructions, max_new_tokens=max_new_tokens)
-    answers_b = greedy_answers(policy_b, instructions, max_new_tokens=max_new_tokens)
+    backend = builtin() if backend is None else backend
+    answers_a = greedy_answers(policy_a, instructions, max_new_tokens=max_new_tokens, backend=backend)
+    answers_b = greedy_answers(policy_b, instructions, max_new_tokens=max_new_tokens, backend=backend)
     texts_ab, texts_ba, cut = judge_both_orders(judge or policy_a, instructions, answers_a, answers_b,
-                                                max_new_tokens=judge_max_new_tokens)
+                                                max_new_tokens=judge_max_new_tokens, backend=backend)
     return result(names, judge_name or (names[0] if judge is None else "judge"), instructions, answers_a, answers_b,
                   texts_ab, texts_ba, cut)
 
@@ -154,14 +160,14 @@ def evaluate_pair(ctx, a: tuple[str, Path], b: tuple[str, Path], instructions: S
     answers = {}
     for name, path in (a, b):
         answers[name] = greedy_answers(_policy(ctx, path), instructions, max_new_tokens=cfg.loop.eval_max_new_tokens,
-                                       max_batch_rows=cfg.sample.max_batch_rows)
+                                       max_batch_rows=cfg.sample.max_batch_rows, backend=ctx.backend())
         if distributed.is_primary():
             artifacts.write_json_atomic(ctx.paths.root / "eval" / "alpaca_eval" / f"{name}.json",
                                         alpaca_eval_records(instructions, answers[name], name))
     texts_ab, texts_ba, cut = judge_both_orders(_policy(ctx, judge[1]), instructions, answers[a[0]], answers[b[0]],
                                                 max_new_tokens=cfg.judge.max_new_tokens,
                                                 template=load_pairwise_template(cfg.judge.pairwise_template),
-                                                max_batch_rows=cfg.sample.max_batch_rows)
+                                                max_batch_rows=cfg.sample.max_batch_rows, backend=ctx.backend())
     res = result((a[0], b[0]), judge[0], instructions, answers[a[0]], answers[b[0]], texts_ab, texts_ba, cut)
     if distributed.is_primary():
         artifacts.write_json_atomic(ctx.paths.h2h(a[0], b[0]), res)

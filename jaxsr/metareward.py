@@ -26,7 +26,6 @@ import numpy as np
 from . import artifacts
 from .chat import chat_token_ids
 from .judge import render_judge_prompt, render_meta_prompt
-from .sample import generate
 from .stages import Context, Stage, map_rows, write_rows
 
 ELO_SCALE, ELO_INIT = 400.0, 1000.0  # as NeMo-Aligner's meta-judge (PAPER.md §7.1)
@@ -119,7 +118,7 @@ def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
     log-probs (`judge_pairs/pairs`)."""
     from .selfreward import judge_template, with_reference_logps
 
-    cfg, sec, policy = ctx.cfg, ctx.cfg.meta, ctx.policy()
+    cfg, sec, policy, backend = ctx.cfg, ctx.cfg.meta, ctx.policy(), ctx.backend()
     template = judge_template(ctx)
     k = cfg.judge.num_judgements
     tok = policy.tokenizer
@@ -138,9 +137,9 @@ def build_judge_pairs(ctx: Context, reference_fn=None) -> dict:
                 requests.append(render_meta_prompt(template, c["prompt"], c["response"], rows[i]["judge_text"],
                                                    rows[j]["judge_text"]))
         # A request longer than the context loses the start of its rubric (left truncation), never the judgements.
-        outs = generate(policy, chat_token_ids(tok, requests), max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo, truncate_prompts=True,
-                        max_batch_rows=cfg.sample.max_batch_rows)
+        outs = backend.generate(policy, chat_token_ids(tok, requests), max_new_tokens=sec.max_new_tokens,
+                                temperature=sec.temperature, top_p=sec.top_p, seed=seed + lo, truncate_prompts=True,
+                                max_batch_rows=cfg.sample.max_batch_rows)
         texts = iter(o[0].text for o in outs)
         return [{"prompt_id": key[0], "candidate_id": key[1], "first": i, "second": j, "meta_text": (t := next(texts)),
                  "verdict": parse_winner(t)} for key, _ in chunk for i, j in order]

@@ -127,6 +127,7 @@ def _dpo(ctx: Context) -> dict | None:
     if not sec.eval_every:
         judge_pairs = judge_pairs_for(ctx)
         ctx.policy().release_decode()  # the sampler's copy of M_t's weights: training needs the memory
+        ctx.backend().release()  # and an external engine's
         train_dpo(ctx.policy(), pairs + judge_pairs, sec, work, remat=ctx.cfg.model.remat)
         promote(work / "final", ctx.path("M_next"))
         return {"train_pairs": len(pairs) + len(judge_pairs), "judge_pairs": len(judge_pairs)}
@@ -147,8 +148,9 @@ def _dpo_with_selection(ctx: Context, pairs: list[dict], work: Path) -> dict:
                              decode_tensor=cfg.sample.decode_tensor) if sec.selection_judge else base
     sel = Selector(base, prompts, work, judge=judge, max_new_tokens=cfg.loop.eval_max_new_tokens,
                    judge_max_new_tokens=cfg.judge.max_new_tokens, max_batch_rows=cfg.sample.max_batch_rows,
-                   template=evaluate.load_pairwise_template(cfg.judge.pairwise_template))
+                   template=evaluate.load_pairwise_template(cfg.judge.pairwise_template), backend=ctx.backend())
     base.release_decode()  # made again only if the selection judge is M_t
+    ctx.backend().release()  # an external engine gets each checkpoint when the Selector samples from it
     train_dpo(base, pairs, sec, work, remat=cfg.model.remat, on_checkpoint=sel, hook_every=sec.eval_every)
     src = sel.selected_dir()
     promote(src or ctx.path("M_t"), ctx.path("M_next"), copy=src is None)
@@ -162,15 +164,14 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
     reference-ranked candidates of rm_eval."""
     from .chat import chat_token_ids
     from .judge import aggregate_scores
-    from .sample import generate
 
-    cfg, out = ctx.cfg, {"iteration": t}
+    cfg, out, backend = ctx.cfg, {"iteration": t}, ctx.backend()
     eval_rows = ctx.split("eval")
     if eval_rows is not None:
         rows = eval_rows.to_list()
         ids = chat_token_ids(policy.tokenizer, [r["instruction"] for r in rows])
-        comps = generate(policy, ids, max_new_tokens=cfg.loop.eval_max_new_tokens, temperature=0.0,
-                         max_batch_rows=cfg.sample.max_batch_rows)
+        comps = backend.generate(policy, ids, max_new_tokens=cfg.loop.eval_max_new_tokens, temperature=0.0,
+                                 max_batch_rows=cfg.sample.max_batch_rows)
         scores = [ctx.env.grade(r, c[0].text) for r, c in zip(rows, comps)]
         out |= ctx.env.eval_metrics(scores)
         out["eval_mean_tokens"] = float(np.mean([len(c[0].token_ids) for c in comps]))
@@ -188,7 +189,7 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
                                                          cfg.judge.max_new_tokens)[0])
                 owners.append((i, j))
         verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"),
-                                    max_batch_rows=cfg.sample.max_batch_rows)
+                                    max_batch_rows=cfg.sample.max_batch_rows, backend=backend)
         model_scores = [[None] * len(c) for c in cands]
         failures = total = 0
         for (i, j), v in zip(owners, verdicts):

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import artifacts, distributed
 from .evaluate import PAIRWISE_TEMPLATE
+from .backends import Backend, builtin
 from .headtohead import greedy_answers, judge_both_orders, tally
 from .policy import Policy, save_checkpoint
 from .sample import DEFAULT_MAX_BATCH_ROWS
@@ -52,14 +53,15 @@ def held_out(pairs: Sequence[dict], n: int, seed: int) -> tuple[list[dict], list
 class Selector:
     """`on_checkpoint(step, params) -> "continue" | "stop"` for `train_dpo`: the params at `step` against the
     selected checkpoint (first `base`, M_t) on `prompts`, greedy answers judged in both orders by `judge`
-    (default `base`). A selected step's params are saved in work_dir/selected/step<k>; only the newest is kept.
+    (default `base`), sampled through `backend` (default: the built-in sampler). A selected step's params are saved
+    in work_dir/selected/step<k>; only the newest is kept.
     """
 
     def __init__(self, base: Policy, prompts: Sequence[str], work_dir, *, max_new_tokens: int,
                  judge_max_new_tokens: int, judge: Policy | None = None, template: str = PAIRWISE_TEMPLATE,
-                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, backend: Backend | None = None):
         self.base, self.prompts, self.judge, self.template = base, list(prompts), judge or base, template
-        self.max_batch_rows = max_batch_rows
+        self.max_batch_rows, self.backend = max_batch_rows, builtin() if backend is None else backend
         self.max_new_tokens, self.judge_max_new_tokens = max_new_tokens, judge_max_new_tokens
         self.work_dir = Path(work_dir).absolute()
         self.path = self.work_dir / LOG_FILE
@@ -95,7 +97,7 @@ class Selector:
         answers = self._answers(self.base.with_params(params))
         texts_ab, texts_ba, _ = judge_both_orders(self.judge, self.prompts, answers, prev["answers"],
                                                   max_new_tokens=self.judge_max_new_tokens, template=self.template,
-                                                  max_batch_rows=self.max_batch_rows)
+                                                  max_batch_rows=self.max_batch_rows, backend=self.backend)
         t = tally(texts_ab, texts_ba)
         decision = decide(t["win_rate"])
         entry = {"step": step, "against": prev["step"], "wins": t["wins"], "ties": t["ties"], "losses": t["losses"],
@@ -118,7 +120,7 @@ class Selector:
 
     def _answers(self, policy: Policy) -> list[str]:
         return greedy_answers(policy, self.prompts, max_new_tokens=self.max_new_tokens,
-                              max_batch_rows=self.max_batch_rows)
+                              max_batch_rows=self.max_batch_rows, backend=self.backend)
 
     def stats(self) -> dict:
         """The log without the answers, for the stage's stats (manifest and report)."""

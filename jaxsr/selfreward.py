@@ -19,14 +19,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import artifacts, distributed
+from . import artifacts, backends, distributed
 from .chat import chat_token_ids
 from .config import JaxsrConfig, JudgeSection
 from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
-from .judge_scores import digit_masses
 from .pairs import select_pair
 from .policy import Policy
-from .sample import DEFAULT_MAX_BATCH_ROWS, generate
+from .sample import DEFAULT_MAX_BATCH_ROWS
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
 from .stages import Context, Stage, map_rows, stage_seed, write_rows
 
@@ -41,14 +40,16 @@ PromptSource = Callable[[int, str, int, set], list]
 # --- 1. prompts ------------------------------------------------------------------------------------------------
 
 def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir, cfg: JaxsrConfig, iteration: int, *,
-                     held_out: Sequence[str] = (), source: PromptSource | None = None, count: int | None = None) -> dict:
+                     held_out: Sequence[str] = (), source: PromptSource | None = None, count: int | None = None,
+                     backend: backends.Backend | None = None) -> dict:
     """Self-Instruct: few-shot requests to the generator, filtered by ROUGE-L, length, blocklist and dedup.
 
     One round = `prompts.requests_per_round` requests; each round's accepted prompts are one committed shard,
     so resuming replays the filter state from disk and continues with the next round. A `source` (the
     environment's prompt sampler, `prompts.generator: env`) stands in for the generator model; it never
     returns one of `held_out` (the evaluation instructions). `count` (default `prompts.num_prompts`): the prompts
-    wanted; a larger count than a finished directory holds grows it (the pairs target).
+    wanted; a larger count than a finished directory holds grows it (the pairs target). `backend`: the sampler
+    (default: `sample.backend`'s).
     """
     sec = cfg.prompts
     count = sec.num_prompts if count is None else count
@@ -75,10 +76,14 @@ def generate_prompts(policy: Policy | None, seed_prompts: Sequence[str], out_dir
             requests = [build_fewshot_prompt(seed_prompts, accepted, rng, num_seed=sec.num_seed_shots,
                                              num_generated=sec.num_generated_shots)
                         for _ in range(sec.requests_per_round)]
-            # Left-truncation keeps the open "Task N:" slot when the few-shot list outgrows the context.
-            outs = generate(policy, requests, max_new_tokens=sec.max_new_tokens, temperature=sec.temperature,
-                            top_p=sec.top_p, seed=seed + rnd, truncate_prompts=True,
-                            max_batch_rows=cfg.sample.max_batch_rows)
+            if backend is None:
+                backend = backends.from_config(cfg)
+            # The tokenizer's default special tokens, as for any plain-text prompt (docs/sampling.md). Left-truncation
+            # keeps the open "Task N:" slot when the few-shot list outgrows the context.
+            ids = policy.tokenizer(requests)["input_ids"]
+            outs = backend.generate(policy, ids, max_new_tokens=sec.max_new_tokens, temperature=sec.temperature,
+                                    top_p=sec.top_p, seed=seed + rnd, truncate_prompts=True,
+                                    max_batch_rows=cfg.sample.max_batch_rows)
             texts = [extract_instruction(out[0].text) or "" for out in outs]
         rows = []
         for text in texts:
@@ -114,10 +119,12 @@ def _first_prompts(rows: list[dict], limit: int | None, where) -> list[dict]:
 # --- 2. candidates ---------------------------------------------------------------------------------------------
 
 def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
-                        limit: int | None = None) -> dict:
+                        limit: int | None = None, backend: backends.Backend | None = None) -> dict:
     """N responses per prompt from M_t through the chat template, with token counts and finish reasons.
-    `limit`: answer the first `limit` prompts only (a block of the pairs target; the prompts may still be growing)."""
+    `limit`: answer the first `limit` prompts only (a block of the pairs target; the prompts may still be growing).
+    `backend`: the sampler (default: `sample.backend`'s)."""
     sec = cfg.sample
+    backend = backends.from_config(cfg) if backend is None else backend
     prompts = _first_prompts(artifacts.read_dataset(prompts_dir, require_complete=limit is None).to_list(), limit,
                              prompts_dir)
     seed = stage_seed(cfg.seed, iteration, "candidates")
@@ -125,9 +132,9 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
     def respond(chunk, lo):
         ids = chat_token_ids(policy.tokenizer, [p["prompt"] for p in chunk])
         # The seed depends on the chunk, not on where a resumed run starts.
-        outs = generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
-                        temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo,
-                        max_batch_rows=sec.max_batch_rows)
+        outs = backend.generate(policy, ids, num_samples=sec.num_samples, max_new_tokens=sec.max_new_tokens,
+                                temperature=sec.temperature, top_p=sec.top_p, top_k=sec.top_k, seed=seed + lo,
+                                max_batch_rows=sec.max_batch_rows)
         return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "candidate_id": j, "response": c.text,
                  "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
                 for p, comps in zip(chunk, outs) for j, c in enumerate(comps)]
@@ -168,13 +175,13 @@ def judge_request_ids(policy: Policy, template: str, instruction: str, response:
     return chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0], True
 
 
-def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justifications: Sequence[str]
-                    ) -> list[tuple[float | None, list[float]]]:
+def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justifications: Sequence[str], *,
+                    backend: backends.Backend | None = None) -> list[tuple[float | None, list[float]]]:
     """Probability-weighted mean of 0-5 for the token after "Score:" (the `expected` judge mode), batched.
 
     Each row is request + justification cut after its last "Score:" (appended when missing); rows are
     left-padded to a power-of-two length so the next-token distribution of every row is at the last position
-    and few shapes get compiled.
+    and few shapes get compiled. `backend` gives the digit probabilities (default: the built-in one's).
     """
     tok = policy.tokenizer
     ctx = policy.config.max_position_embeddings
@@ -192,7 +199,7 @@ def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justif
         ids[i, length - len(r):] = r
         mask[i, length - len(r):] = True
     out = []
-    for mass_6 in digit_masses(policy, ids, mask):
+    for mass_6 in (backends.builtin() if backend is None else backend).digit_masses(policy, ids, mask):
         mass = [float(m) for m in mass_6]
         total = sum(mass)
         out.append((sum(k * m for k, m in enumerate(mass)) / total if total > 0 else None, mass))
@@ -200,26 +207,32 @@ def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justif
 
 
 def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSection, seed: int, *,
-          max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> list[list[tuple[str, float | None, list[float]]]]:
+          max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, backend: backends.Backend | None = None
+          ) -> list[list[tuple[str, float | None, list[float]]]]:
     """M_t's judgements of each request: K sampled ones (`sampled`) or one with its expected score (`expected`),
     as (text, score or None, digit probabilities 0-5 or []). max_batch_rows: rows per chunk of the sampler
-    (`sample.max_batch_rows`)."""
+    (`sample.max_batch_rows`); backend: the sampler (default: the built-in one)."""
+    backend = backends.builtin() if backend is None else backend
     k = sec.num_judgements if sec.mode == "sampled" else 1
     # Stop where the score is read: after "Score: d" (sampled) or "score:" (expected, see expected_scores).
     stop = ("score" if sec.mode == "sampled" else "score_marker") if sec.stop_at_score else None
-    outs = generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
-                    temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows, stop=stop)
+    outs = backend.generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
+                            temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows,
+                            stop=stop)
     if sec.mode == "expected":
-        expected = expected_scores(policy, request_ids, [o[0].text for o in outs])
+        expected = expected_scores(policy, request_ids, [o[0].text for o in outs], backend=backend)
         return [[(o[0].text, score, mass)] for o, (score, mass) in zip(outs, expected)]
     return [[(c.text, parse_score(c.text), []) for c in o] for o in outs]
 
 
 def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
-                     template: str | None = None, limit: int | None = None) -> dict:
+                     template: str | None = None, limit: int | None = None,
+                     backend: backends.Backend | None = None) -> dict:
     """K sampled judgements per candidate (mean of valid scores), or one `expected` judgement.
-    `limit`: judge the candidates of the first `limit` prompts only (a block of the pairs target)."""
+    `limit`: judge the candidates of the first `limit` prompts only (a block of the pairs target).
+    `backend`: the sampler (default: `sample.backend`'s)."""
     sec = cfg.judge
+    backend = backends.from_config(cfg) if backend is None else backend
     template = template if template is not None else load_judge_template(sec.template)
     cands = _first_prompts(artifacts.read_dataset(candidates_dir, require_complete=limit is None).to_list(), limit,
                            candidates_dir)
@@ -229,7 +242,7 @@ def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, 
     def grade(chunk, lo):
         reqs = [judge_request_ids(policy, template, c["prompt"], c["response"], sec.max_new_tokens) for c in chunk]
         verdicts_per_candidate = judge(policy, [r[0] for r in reqs], sec, seed + lo,
-                                       max_batch_rows=cfg.sample.max_batch_rows)
+                                       max_batch_rows=cfg.sample.max_batch_rows, backend=backend)
         rows = []
         for c, (_, truncated), verdicts in zip(chunk, reqs, verdicts_per_candidate):
             skipped = sec.exclude_truncated and c["finish_reason"] == "length"
@@ -395,7 +408,8 @@ def _prompts(ctx: Context, count: int | None = None) -> dict:
     else:
         policy = ctx.policy()
     return generate_prompts(policy, ctx.split("seed_prompts")["prompt"], ctx.path("prompts"), ctx.cfg, ctx.t,
-                            held_out=held_out_instructions(ctx), source=source, count=count)
+                            held_out=held_out_instructions(ctx), source=source, count=count,
+                            backend=None if source else ctx.backend())
 
 
 def next_block(n: int, pairs: int, target: int, cap: int, min_block: int) -> int:
@@ -437,9 +451,10 @@ def grow_to_target(ctx: Context) -> dict:
             log.warning("iteration %d: the prompt generator gave no new prompt within prompts.max_rounds=%d",
                         t, cfg.prompts.max_rounds)
             break
-        generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), cfg, t, limit=made)
+        generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), cfg, t, limit=made,
+                            backend=ctx.backend())
         judge_candidates(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), cfg, t,
-                         template=judge_template(ctx), limit=made)
+                         template=judge_template(ctx), limit=made, backend=ctx.backend())
         blocks.append(made)
     if have < target:
         log.warning("iteration %d: %d pairs, short of the %d wanted (prompts.target_pairs=%s%s) with %d prompts "
@@ -474,12 +489,13 @@ def judge_template(ctx: Context) -> str:
 PROMPTS = Stage("prompts", _prompts, reads=("M_t", "data"), writes=("prompts",), section="prompts", command="prompts",
                 help="Self-Instruct prompts of iteration t (M_t as generator by default)")
 CANDIDATES = Stage(
-    "candidates", lambda ctx: generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), ctx.cfg, ctx.t),
+    "candidates", lambda ctx: generate_candidates(ctx.policy(), ctx.path("prompts"), ctx.path("candidates"), ctx.cfg,
+                                                  ctx.t, backend=ctx.backend()),
     reads=("M_t", "prompts"), writes=("candidates",), section="sample", command="sample",
     help="N candidate responses per prompt from M_t")
 JUDGEMENTS = Stage(
     "judgements", lambda ctx: judge_candidates(ctx.policy(), ctx.path("candidates"), ctx.path("judgements"), ctx.cfg,
-                                               ctx.t, template=judge_template(ctx)),
+                                               ctx.t, template=judge_template(ctx), backend=ctx.backend()),
     reads=("M_t", "candidates"), writes=("judgements",), section="judge", command="judge",
     help="M_t judges the candidates (LLM-as-a-Judge)")
 PAIRS = Stage(

@@ -128,6 +128,8 @@ class Context:
     t: int = 0
     stage: Stage | None = None
     _models: dict = dataclasses.field(default_factory=dict)
+    # The sampling backend, made on first use; a dict so the contexts `at` derives share it.
+    _backend: dict = dataclasses.field(default_factory=dict)
 
     def at(self, stage: Stage, t: int) -> "Context":
         return dataclasses.replace(self, stage=stage, t=t)
@@ -146,14 +148,26 @@ class Context:
 
         t = self.t if t is None else t
         if t not in self._models:
-            self._models.clear()
+            self.release_models()
             self._models[t] = load_chat_policy(self.paths.model(t), self.cfg.model, self.mesh,
                                                decode_tensor=self.cfg.sample.decode_tensor)
         return self._models[t]
 
     def release_models(self) -> None:
-        """Drops the loaded model, so that another one (a fixed generator or judge) has the devices to itself."""
+        """Drops the loaded model, so that another one (a fixed generator or judge) has the devices to itself,
+        and lets the sampling backend free its copy."""
         self._models.clear()
+        if self._backend:
+            self._backend["backend"].release()
+
+    def backend(self):
+        """The sampling backend `sample.backend` selects (`jaxsr.backends.Backend`), one per run: every stage that
+        samples calls it."""
+        from .backends import from_config
+
+        if not self._backend:
+            self._backend["backend"] = from_config(self.cfg)
+        return self._backend["backend"]
 
     def split(self, name: str):
         """A seed split of run_dir/data as a datasets.Dataset, or None when the environment has none."""

@@ -128,3 +128,16 @@ def stop_table(tokenizer, vocab_size: int, kind: str) -> np.ndarray:
             table[i] = memo[text]
         per_tok[key] = table
     return per_tok[key]
+
+
+def stop_length(tokenizer, vocab_size: int, kind: str, token_ids) -> int | None:
+    """How many of `token_ids` a row keeps under stop condition `kind`: up to and including the token that reaches
+    the stop state, as the decode loop cuts it; None when none does. For a backend that samples without the
+    automaton (an external engine) and cuts afterwards."""
+    table = stop_table(tokenizer, vocab_size, kind)
+    state, last = 0, table.shape[1] - 1
+    for k, i in enumerate(token_ids):
+        state = table[min(int(i), vocab_size - 1), state]
+        if state == last:
+            return k + 1
+    return None

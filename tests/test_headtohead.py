@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from jaxsr import headtohead
+from jaxsr import backends, headtohead
 from jaxsr.evaluate import head_to_head, wilson_interval
 from jaxsr.sample import Completion
 
@@ -84,8 +84,12 @@ def _stub_generate(judge_rule):
     return generate
 
 
+class _FakePolicy(types.SimpleNamespace):
+    """A stand-in policy; weak-referenceable like a Policy (the sampling backend holds the model it prepared so)."""
+
+
 def _policy(tok, answer, context=4096):
-    return types.SimpleNamespace(tokenizer=tok, answer=answer, config=types.SimpleNamespace(max_position_embeddings=context))
+    return _FakePolicy(tokenizer=tok, answer=answer, config=types.SimpleNamespace(max_position_embeddings=context))
 
 
 def test_both_orders_with_a_stub_judge(tok, monkeypatch):
@@ -98,7 +102,7 @@ def test_both_orders_with_a_stub_judge(tok, monkeypatch):
             return x in ("3", "7", "11", "15")
         return "[[A]]" if ok(a) or not ok(b) else "[[B]]"
 
-    monkeypatch.setattr(headtohead, "generate", _stub_generate(fair))
+    monkeypatch.setattr(backends, "generate", _stub_generate(fair))
     res = headtohead.compare(right, wrong, questions, max_new_tokens=4, judge_max_new_tokens=8, names=("R", "W"))
     # q1: both "3" -> A then A: inconsistent, a tie. q2, q3: R right -> wins. q4: both wrong ("16", "0"), the
     # judge picks the first shown both times -> a tie.
@@ -108,7 +112,7 @@ def test_both_orders_with_a_stub_judge(tok, monkeypatch):
     assert [p["output_a"] for p in res["prompts"]] == ["3", "7", "11", "16"]
     assert [(p["verdict_ab"], p["verdict_ba"]) for p in res["prompts"]][1] == ("A", "B")
 
-    monkeypatch.setattr(headtohead, "generate", _stub_generate(lambda a, b: "[[A]]"))  # pure position bias
+    monkeypatch.setattr(backends, "generate", _stub_generate(lambda a, b: "[[A]]"))  # pure position bias
     res = headtohead.compare(right, wrong, questions, max_new_tokens=4, judge_max_new_tokens=8)
     assert (res["wins"], res["ties"], res["losses"], res["win_rate"]) == (0, 4, 0, 0.5)
 

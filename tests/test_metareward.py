@@ -122,7 +122,7 @@ def test_the_loop_with_meta_rewarding_trains_dpo_on_actor_and_judge_pairs(tmp_pa
     import random
     import re
 
-    from jaxsr import artifacts, loop, selfreward
+    from jaxsr import artifacts, backends, loop, selfreward
     from jaxsr.envs.arithmetic import JUDGE_TEMPLATE
     from jaxsr.sample import Completion
     from test_stages import _cfg
@@ -142,7 +142,10 @@ def test_the_loop_with_meta_rewarding_trains_dpo_on_actor_and_judge_pairs(tmp_pa
         return out
 
     monkeypatch.setattr(selfreward, "judge", judge)
-    monkeypatch.setattr(mr, "generate", meta_generate)
+    real = backends.generate
+    # The meta-judge's requests get the stand-in; every other stage samples as usual.
+    monkeypatch.setattr(backends, "generate", lambda policy, ids, **kw: (
+        meta_generate if "Judgement A:" in policy.tokenizer.decode(ids[0]) else real)(policy, ids, **kw))
     cfg = _cfg(tmp_path, "judge.mode=sampled", "judge.num_judgements=3", "judge.max_new_tokens=16",
                "meta.enabled=true", "meta.responses=6", "meta.iterations=[1]")
     loop.run(cfg)

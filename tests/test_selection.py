@@ -50,13 +50,13 @@ def test_selector_selects_on_a_win_keeps_on_a_tie_stops_on_a_loss_and_replays_on
     prompts = ["one", "two"]
     script, judged, seen = ["win", "tie", "loss"], [], {}
 
-    def answers(pol, ps, max_new_tokens, max_batch_rows):
+    def answers(pol, ps, max_new_tokens, max_batch_rows, backend):
         assert max_batch_rows == 16  # the Selector's (sample.max_batch_rows in a run)
         return [f"answer {p}" for p in ps]
 
     monkeypatch.setattr(selection, "greedy_answers", answers)
 
-    def judge(judge_policy, ps, a, b, max_new_tokens, template, max_batch_rows):
+    def judge(judge_policy, ps, a, b, max_new_tokens, template, max_batch_rows, backend):
         assert template == selection.PAIRWISE_TEMPLATE and max_batch_rows == 16  # the Selector's default template
         ab, ba = VERDICT[script[len(judged)]]
         judged.append(len(ps))

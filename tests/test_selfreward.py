@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxsr
-from jaxsr import artifacts, selfreward
+from jaxsr import artifacts, backends, selfreward
 from jaxsr.config import load_config
 from jaxsr.sample import Completion
 
@@ -60,7 +60,7 @@ def test_stages_deterministic_and_consistent(policy, cfg, tmp_path, monkeypatch)
         calls.append(stats["chunks"])
         return out
 
-    monkeypatch.setattr(selfreward, "generate", recording_generate)
+    monkeypatch.setattr(backends, "generate", recording_generate)
     run_stages(policy, cfg, b)
     assert len(calls) == 2 and all(len(c) == 3 and max(x["rows"] for x in c) <= 8 for c in calls)  # 18 rows -> 3 chunks
     for stage in ("candidates", "judgements", "pairs"):
@@ -89,7 +89,7 @@ def test_candidates_resume_after_crash(policy, cfg, tmp_path, monkeypatch):
     selfreward.generate_candidates(policy, tmp_path / "prompts", tmp_path / "full", cfg, 1)
 
     calls = {"n": 0}
-    real = selfreward.generate
+    real = backends.generate
 
     def crashing(*a, **kw):
         calls["n"] += 1
@@ -97,11 +97,11 @@ def test_candidates_resume_after_crash(policy, cfg, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **kw)
 
-    monkeypatch.setattr(selfreward, "generate", crashing)
+    monkeypatch.setattr(backends, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         selfreward.generate_candidates(policy, tmp_path / "prompts", tmp_path / "resumed", cfg, 1)
     assert artifacts.ShardedWriter(tmp_path / "resumed", shard_size=48).done_rows() == 16 * 3
-    monkeypatch.setattr(selfreward, "generate", real)
+    monkeypatch.setattr(backends, "generate", real)
     selfreward.generate_candidates(policy, tmp_path / "prompts", tmp_path / "resumed", cfg, 1)
     full, resumed = artifacts.read_dataset(tmp_path / "full"), artifacts.read_dataset(tmp_path / "resumed")
     assert full.to_list() == resumed.to_list()
@@ -115,10 +115,10 @@ def test_prompts_stage_filters_rounds_and_resumes(policy, cfg, tmp_path, monkeyp
                    "Describe your favourite meal.", "List two uses of copper.", "Why do leaves fall?"] * 3)
 
     def fake_generate(policy, prompts, **kw):
-        assert all(p.count("Task ") >= 9 for p in prompts)  # 8 shots + the open slot
+        assert all(policy.tokenizer.decode(p).count("Task ") >= 9 for p in prompts)  # 8 shots + the open slot
         return [[Completion(token_ids=[], text=next(script), logprobs=[], finish_reason="eos", prompt_tokens=0)] for _ in prompts]
 
-    monkeypatch.setattr(selfreward, "generate", fake_generate)
+    monkeypatch.setattr(backends, "generate", fake_generate)
     stats = selfreward.generate_prompts(policy, SEEDS, tmp_path / "p", cfg, 1)
     rows = artifacts.read_dataset(tmp_path / "p").to_list()
     texts = [r["prompt"] for r in rows]
@@ -234,7 +234,7 @@ def test_pairs_target_grows_blocks_until_met_and_a_kill_resumes_to_the_same_rows
 
     # Killed while judging the second block: the judgements directory is reopened and incomplete.
     calls = {"n": 0}
-    real = selfreward.generate
+    real = backends.generate
 
     def crashing(*a, **kw):
         calls["n"] += 1
@@ -242,12 +242,12 @@ def test_pairs_target_grows_blocks_until_met_and_a_kill_resumes_to_the_same_rows
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **kw)
 
-    monkeypatch.setattr(selfreward, "generate", crashing)
+    monkeypatch.setattr(backends, "generate", crashing)
     ctx_b = _target_ctx(policy, target_cfg, tmp_path / "b", _Env())
     with pytest.raises(KeyboardInterrupt):
         _run_iteration_data(ctx_b)
     assert not artifacts.is_complete(tmp_path / "b" / "iteration1" / "judgements")
-    monkeypatch.setattr(selfreward, "generate", real)
+    monkeypatch.setattr(backends, "generate", real)
     from jaxsr.pipeline import GRAPH
 
     pairs_stage = GRAPH.iteration[3]
@@ -303,7 +303,7 @@ def test_judge_stops_where_its_score_is_read(policy, cfg, monkeypatch, mode, sto
         seen.append(stop)
         return [[Completion([1], "yes.\nScore: 4", [0.0], "stop", 3)] * num_samples for _ in reqs]
 
-    monkeypatch.setattr(selfreward, "generate", fake_generate)
+    monkeypatch.setattr(backends, "generate", fake_generate)
     verdicts = selfreward.judge(policy, [[5, 6, 7]], cfg.judge, seed=0)
     assert seen == [want] and len(verdicts[0]) == (2 if mode == "sampled" else 1)
     if mode == "sampled":

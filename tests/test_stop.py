@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jaxsr.judge import parse_score
-from jaxsr.stop import stop_table
+from jaxsr.stop import stop_length, stop_table
 from jaxsr.world import load_tokenizer
 
 from conftest import FIXTURES
@@ -23,15 +23,11 @@ NO_STOP = ["Score: 4.5 points", "Score: 4/10 here", "Score: 3-4 maybe", "Score: 
 
 
 def cut(tok, kind, text):
-    """The tokens of `text` up to the one that reaches the stop state (all of them without a stop), decoded."""
+    """The tokens of `text` up to the one that reaches the stop state (all of them without a stop), decoded: the
+    host walk of the table the decode loop uses (`stop_length`)."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    table = stop_table(tok, max(ids) + 1, kind)
-    state = 0
-    for k, i in enumerate(ids):
-        state = table[i, state]
-        if state == table.shape[1] - 1:
-            return tok.decode(ids[:k + 1], skip_special_tokens=True), True
-    return tok.decode(ids, skip_special_tokens=True), False
+    n = stop_length(tok, max(ids) + 1, kind, ids)
+    return tok.decode(ids[:n], skip_special_tokens=True), n is not None
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
