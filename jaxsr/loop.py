@@ -67,6 +67,24 @@ def path_hash(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def source_commit() -> str | None:
+    """The git commit of the jaxsr source a run uses (with "+dirty" for uncommitted changes), or None outside a git
+    checkout (an installed wheel): docs generated from runs name it (scripts/results_md.py)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "jaxsr"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
 # Config keys that do not change what a run computes: a run may resume with other values (another port, more hosts,
 # the slice a config is sized for).
 _NOT_IDENTITY = ("distributed.", "mesh.topology")
@@ -95,7 +113,8 @@ class Manifest:
                 raise ConfigMismatch(f"{run_dir} was started with a different config ({len(diff)} keys differ: {detail}); "
                                      f"use another run_dir or the original config")
         else:
-            self.data = {"config": want, "seed": cfg.seed, "versions": _versions(), "stages": {},
+            self.data = {"config": want, "seed": cfg.seed, "versions": _versions(), "commit": source_commit(),
+                         "stages": {},
                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self.save()
 

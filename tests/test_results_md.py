@@ -58,3 +58,20 @@ def test_a_seed_that_falls_fails_the_goal_and_says_which_check(tmp_path, capsys)
     assert line["goal_met"] is False and line["gain_on_every_seed"] is False and line["gain_at_least_0.3"] is True
     text = out.read_text()
     assert "**Not met.**" in text and "- **no**: M3 above M1 on every seed" in text
+
+
+def test_the_runs_commit_comes_from_their_manifests(tmp_path, capsys):
+    d = _sweep(tmp_path / "s", {"self": {0: (3.0, 3.2, 3.5), 1: (3.1, 3.3, 3.5)}})
+    for s in (0, 1):
+        m = sweep.run_dir(d, "self", s) / "manifest.json"
+        m.write_text(json.dumps(json.loads(m.read_text()) | {"commit": "abc1234"}))
+    out = tmp_path / "results.md"
+    _module().main(["--sweep", str(d), "--out", str(out), "--runs-commit", "ignored"])
+    assert "from runs made at commit abc1234 on that machine" in out.read_text()
+
+
+def test_a_run_records_the_source_commit():
+    from jaxsr.loop import source_commit
+
+    commit = source_commit()
+    assert commit is None or len(commit.split("+")[0]) >= 7
