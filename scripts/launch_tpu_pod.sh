@@ -14,6 +14,8 @@ Runs COMMAND in DIR (default: jaxsr, relative to the home directory) with DIR/.v
   --project P    Google Cloud project (default: gcloud's configured project)
   --workdir DIR  the jaxsr checkout on the workers (default: jaxsr)
   --setup        first run scripts/tpu_setup.sh on every worker (COMMAND is then optional)
+  --tpu-flags F  LIBTPU_INIT_ARGS for COMMAND (default: jaxsr's, scripts/lib.sh JAXSR_TPU_FLAGS: async collectives
+                 fused with compute, as MaxText runs; "" passes none)
   --dry-run      print the gcloud commands instead of running them
 
 Example:
@@ -24,12 +26,14 @@ USAGE
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-TPU="" ZONE="" PROJECT="" WORKDIR=jaxsr SETUP=0 DRY_RUN=0
+TPU="" ZONE="" PROJECT="" WORKDIR=jaxsr SETUP=0 DRY_RUN=0 TPU_FLAGS=$JAXSR_TPU_FLAGS
 while [ $# -gt 0 ]; do
   case "$1" in
-    --tpu|--zone|--project|--workdir)
+    --tpu|--zone|--project|--workdir|--tpu-flags)
       [ $# -ge 2 ] || die "$1 needs a value"
-      case "$1" in --tpu) TPU=$2 ;; --zone) ZONE=$2 ;; --project) PROJECT=$2 ;; --workdir) WORKDIR=$2 ;; esac
+      case "$1" in
+        --tpu) TPU=$2 ;; --zone) ZONE=$2 ;; --project) PROJECT=$2 ;; --workdir) WORKDIR=$2 ;; --tpu-flags) TPU_FLAGS=$2 ;;
+      esac
       shift 2 ;;
     --setup) SETUP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -53,5 +57,7 @@ if [ "$SETUP" = 1 ]; then
   gcloud_ssh "cd $(show "$WORKDIR") && bash scripts/tpu_setup.sh"
 fi
 if [ $# -gt 0 ]; then
-  gcloud_ssh "cd $(show "$WORKDIR") && . .venv/bin/activate && $(show "$@")"
+  flags=""
+  if [ -n "$TPU_FLAGS" ]; then flags="export LIBTPU_INIT_ARGS=$(show "$TPU_FLAGS") && "; fi
+  gcloud_ssh "cd $(show "$WORKDIR") && . .venv/bin/activate && $flags$(show "$@")"
 fi

@@ -41,3 +41,19 @@ def test_tuned_allocator_reuses_xla_working_memory():
     # 4 KiB pages per call); tuned, it comes back from the heap (measured 0 to 6k).
     assert default > 50_000
     assert tuned < 0.05 * default, (tuned, default)
+
+
+def test_the_allocator_tuning_is_for_cpu_only(tmp_path):
+    from jaxsr.hostmem import runs_on_cpu
+
+    dev = tmp_path / "dev"
+    (dev / "vfio").mkdir(parents=True)
+    (dev / "vfio" / "vfio").touch()  # the control node every Linux with vfio has: not a TPU
+    assert runs_on_cpu({}, str(dev))
+    assert runs_on_cpu({"JAX_PLATFORMS": "cpu"}, str(dev)) and not runs_on_cpu({"JAX_PLATFORMS": "tpu,cpu"}, str(dev))
+    for node in ("accel0", "nvidia0", "vfio/0"):
+        d = tmp_path / node.replace("/", "_")
+        (d / node).parent.mkdir(parents=True, exist_ok=True)
+        (d / node).touch()
+        assert not runs_on_cpu({}, str(d)), node
+        assert runs_on_cpu({"JAX_PLATFORMS": "cpu"}, str(d)), node  # an explicit CPU run on an accelerator host

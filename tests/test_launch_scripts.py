@@ -45,8 +45,35 @@ def test_tpu_pod_dry_run():
     assert run.startswith(base)
     # The remote command, as the workers' shell reads it, keeps every argument intact.
     remote = shlex.split(run)[-1]
-    assert remote.startswith("cd jaxsr && . .venv/bin/activate && jaxsr run ")
+    assert remote.startswith("cd jaxsr && . .venv/bin/activate && export LIBTPU_INIT_ARGS=")
     assert shlex.split(remote.split(" && ")[-1]) == ["jaxsr", "run", "--config", PAPER, "judge.template=it's here"]
+    assert shlex.split(remote.split(" && ")[2]) == ["export", f"LIBTPU_INIT_ARGS={tpu_flags()}"]
+    r = sh("launch_tpu_pod.sh", "--tpu", "t", "--zone", "z", "--tpu-flags", "", "--dry-run", "--", "jaxsr", "plan")
+    assert shlex.split(r.stdout)[-1] == "cd jaxsr && . .venv/bin/activate && jaxsr plan"
+
+
+def tpu_flags() -> str:
+    r = subprocess.run(["bash", "-c", f'. "{SCRIPTS / "lib.sh"}" && printf %s "$JAXSR_TPU_FLAGS"'], capture_output=True,
+                       text=True)
+    return r.stdout
+
+
+def test_tpu_flags_are_accepted_by_libtpu(tmp_path):
+    """libtpu exits at start on an unknown flag: compile a sharded step for v5e:2x2 with the launch flags."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'jaxsr[tpu]'): flags not checked")
+    code = ("import jax, jax.numpy as jnp, numpy as np\n"
+            "from jax.experimental import topologies\n"
+            "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
+            "topo = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2')\n"
+            "mesh = Mesh(np.array(topo.devices).reshape(4), ('fsdp',))\n"
+            "s = NamedSharding(mesh, P('fsdp', None))\n"
+            "w, x = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=s) for shape in ((512, 512), (128, 512)))\n"
+            "c = jax.jit(jax.grad(lambda w, x: jnp.tanh(x @ w).sum())).lower(w, x).compile()\n"
+            "print('compiled', 'all-gather' in c.as_text())\n")
+    env = {**os.environ, "LIBTPU_INIT_ARGS": tpu_flags(), "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "compiled True" in r.stdout, r.stderr[-2000:]
 
 
 def test_tpu_pod_runs_gcloud(tmp_path):
@@ -57,8 +84,10 @@ def test_tpu_pod_runs_gcloud(tmp_path):
     r = sh("launch_tpu_pod.sh", "--tpu", "t", "--zone", "z", "--workdir", "src/jaxsr", "--", "jaxsr", "plan",
            env={"PATH": f"{tmp_path}:{os.environ['PATH']}", "GCLOUD_LOG": str(log)})
     assert r.returncode == 0, r.stderr
-    assert log.read_text().splitlines() == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone", "z", "--worker=all",
-                                            "--command", "cd src/jaxsr && . .venv/bin/activate && jaxsr plan"]
+    argv = log.read_text().splitlines()
+    assert argv[:9] == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone", "z", "--worker=all", "--command"]
+    assert argv[9].startswith("cd src/jaxsr && . .venv/bin/activate && export LIBTPU_INIT_ARGS=")
+    assert argv[9].endswith(" && jaxsr plan")
 
 
 def test_gpu_dry_run():
