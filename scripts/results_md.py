@@ -176,8 +176,10 @@ def main(argv=None) -> int:
     if args.meta:
         meta = sweep.read(args.meta)
         lines += ["", "## Meta-Rewarding", "",
-                  f"The same sweep with `meta.enabled=true` ({args.meta}): the model also meta-judges pairs of its own "
-                  "judgements, and DPO trains on the judge-preference pairs with the actor pairs.", ""]
+                  f"`jaxsr sweep --seeds {' '.join(map(str, meta['seeds']))} {' '.join(meta['overrides'])}` "
+                  f"({args.meta}): the model also meta-judges pairs of its own judgements, and DPO trains on the "
+                  "judge-preference pairs with the actor pairs. Each run's iteration{t}/judge_pairs/stats.json has the "
+                  "meta-judge's verdicts and the judge pairs it made.", ""]
         lines += table(meta, ["self"]) + [""] + gains(meta, ["self"])
     lines += ["", "## Determinism", "",
               "Two runs of one config at one commit, on one machine with the same number of devices, write the same "
