@@ -160,14 +160,24 @@ def _fusion_traffic(fused: list[str], operand_types: list[str], result_type: str
 
 def loop_hbm_bytes(hlo: str) -> dict[str, int]:
     """{"read", "write"}: the bytes one iteration of the entry computation's while loop(s) (the decode step) reads
-    from and writes to HBM, by the memory spaces XLA:TPU assigned: an async copy or slice counts its HBM side once,
-    a matmul reading a copy in on-chip memory nothing more; slices and gathers count what they take, an in-place
-    dynamic-update-slice what it writes. Loops nested in the body are counted once, as `cost_analysis` counts them."""
+    from and writes to HBM (see `hbm_bytes`)."""
     comps = computations(hlo)
-    entry = _entry(hlo, comps)
-    bodies = [b for line in comps.get(entry, []) for b in re.findall(r"body=%?([\w.\-]+)", line)]
+    return _hbm_traffic(comps, [b for line in comps.get(_entry(hlo, comps), [])
+                                for b in re.findall(r"body=%?([\w.\-]+)", line)])
+
+
+def hbm_bytes(hlo: str) -> dict[str, int]:
+    """{"read", "write"}: the bytes a program reads from and writes to HBM, by the memory spaces XLA:TPU assigned:
+    an async copy or slice counts its HBM side once, an op reading a copy in on-chip memory nothing more; slices and
+    gathers count what they take, an in-place dynamic-update-slice what it writes. A while body is counted once, as
+    `cost_analysis` counts it."""
+    comps = computations(hlo)
+    return _hbm_traffic(comps, [_entry(hlo, comps)])
+
+
+def _hbm_traffic(comps: dict, roots: list[str]) -> dict[str, int]:
     read = write = 0
-    seen, stack = set(), list(bodies)
+    seen, stack = set(), list(roots)
     while stack:
         c = stack.pop()
         if c in seen or c not in comps:
@@ -196,5 +206,5 @@ def loop_hbm_bytes(hlo: str) -> dict[str, int]:
     return {"read": read, "write": write}
 
 
-__all__ = ["COLLECTIVES", "array_bytes", "computations", "custom_calls", "loop_collectives", "loop_hbm_bytes",
-           "while_loops"]
+__all__ = ["COLLECTIVES", "array_bytes", "computations", "custom_calls", "hbm_bytes", "loop_collectives",
+           "loop_hbm_bytes", "while_loops"]

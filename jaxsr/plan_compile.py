@@ -22,7 +22,7 @@ import os
 import re
 import time
 
-from .hlo_text import COLLECTIVES, custom_calls, loop_collectives, loop_hbm_bytes, while_loops
+from .hlo_text import COLLECTIVES, custom_calls, hbm_bytes, loop_collectives, loop_hbm_bytes, while_loops
 from .plan import EXIT_DOES_NOT_FIT, GiB, USABLE_FRACTION, mesh_sizes, plan_memory
 
 # chip generation -> (jax topology prefix, HBM GiB per chip, peak bfloat16 FLOP/s per chip, TensorCores counted by
@@ -227,7 +227,8 @@ def _analysis(compiled) -> dict:
     return {"memory": mem, "program_bytes": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
             "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
             "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
-            "while_loops": while_loops(hlo)["count"], "custom_calls": custom_calls(hlo)}
+            "hbm_bytes": sum(hbm_bytes(hlo).values()), "while_loops": while_loops(hlo)["count"],
+            "custom_calls": custom_calls(hlo)}
 
 
 def _extrapolated_cost(kind: str, model_cfg, run_cfg, mesh) -> dict:
@@ -243,7 +244,8 @@ def _extrapolated_cost(kind: str, model_cfg, run_cfg, mesh) -> dict:
         fn, args = _step_program(kind, model_cfg, run_cfg, mesh, num_layers=layers, micro_batch_only=True)
         c.append(_analysis(fn.lower(*args).compile(compiler_options=options)))
     L, A = model_cfg.num_layers, getattr(run_cfg, kind).grad_accum
-    out = {k: A * (c[0][k] + (c[1][k] - c[0][k]) * (L - 1)) for k in ("flops", "bytes_accessed", "optimal_seconds")}
+    out = {k: A * (c[0][k] + (c[1][k] - c[0][k]) * (L - 1))
+           for k in ("flops", "bytes_accessed", "hbm_bytes", "optimal_seconds")}
     return out | {"while_loops": max(x["while_loops"] for x in c), "custom_calls": c[1]["custom_calls"]}
 
 
@@ -372,9 +374,10 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
         secs = c["optimal_seconds"]
         # XLA gives a negative time when it cannot cost an op (about -1 s each: cross-slice collectives, custom calls).
         dpo["mfu_estimate"] = at_peak / secs if secs > 0 else None
-        # A bound that needs no time from XLA: the longest of the model's or XLA's FLOPs at peak and XLA's bytes at
-        # the HBM bandwidth (no communication, perfect overlap).
-        roof = max(at_peak, c["flops"] / topo.peak_flops, c["bytes_accessed"] / topo.hbm_bandwidth)
+        # A bound that needs no time from XLA: the longest of the model's or XLA's FLOPs at peak and the HBM traffic
+        # (hlo_text.hbm_bytes: XLA's bytes accessed also counts on-chip memory) at the HBM bandwidth (no
+        # communication, perfect overlap).
+        roof = max(at_peak, c["flops"] / topo.peak_flops, c["hbm_bytes"] / topo.hbm_bandwidth)
         dpo["mfu_roofline_bound"] = at_peak / roof
     if "decode" in programs:
         # Weights and KV cache per device from the decode program's own arguments and their shardings.
@@ -444,8 +447,8 @@ def format_compile_plan(p: dict, source: str) -> str:
                   f"(XLA / hand {c['flops'] * n / d['executed_flops']:.2f}); model FLOPs (6 N tokens + attention) "
                   f"{d['model_flops'] / n / 1e12:.3f} T (XLA / model {c['flops'] * n / d['model_flops']:.2f})",
                   f"  MFU estimate: model FLOPs / {n} chips / XLA's time {ms(c['optimal_seconds']).strip()} ms / "
-                  f"{p['peak_flops'] / 1e12:.0f} TFLOP/s = {mfu}; roofline bound (model or XLA FLOPs at peak, XLA "
-                  f"bytes {c['bytes_accessed'] / 1e9:.1f} GB at {p['hbm_bandwidth'] / 1e9:.0f} GB/s, no "
+                  f"{p['peak_flops'] / 1e12:.0f} TFLOP/s = {mfu}; roofline bound (model or XLA FLOPs at peak, HBM "
+                  f"traffic {c['hbm_bytes'] / 1e9:.1f} GB at {p['hbm_bandwidth'] / 1e9:.0f} GB/s, no "
                   f"communication): {d['mfu_roofline_bound']:.1%}"]
     if dec is not None:
         loop = dec["loop_collectives"]

@@ -105,9 +105,10 @@ def table(p: dict) -> str:
             lines.append(f"- DPO step MFU from XLA's time: **{d['mfu_estimate']:.1%}** = {d['model_flops'] / 1e12:.1f} "
                          f"model TFLOP / {n} chips / {c['optimal_seconds'] * 1e3:.0f} ms / "
                          f"{p['peak_flops'] / 1e12:.0f} TFLOP/s")
-        lines.append(f"- DPO step MFU at a roofline of XLA's numbers (an upper bound: the longest of the model's or "
-                     f"XLA's FLOPs at peak and XLA's bytes accessed, {c['bytes_accessed'] / 1e9:.0f} GB per chip, at "
-                     f"{p['hbm_bandwidth'] / 1e9:.0f} GB/s; no communication): **{d['mfu_roofline_bound']:.1%}**")
+        lines.append(f"- DPO step MFU at a roofline (an upper bound: the longest of the model's or XLA's FLOPs at "
+                     f"peak and the HBM traffic, {c['hbm_bytes'] / 1e9:.0f} GB per chip (XLA's bytes accessed, every "
+                     f"memory: {c['bytes_accessed'] / 1e9:.0f} GB), at {p['hbm_bandwidth'] / 1e9:.0f} GB/s; no "
+                     f"communication): **{d['mfu_roofline_bound']:.1%}**")
     if dec is not None:
         coll = dec["loop_collectives"]
         lines.append(f"- decode step per chip: weights {dec['weights_bytes'] / GiB:.2f} + KV cache "

@@ -120,6 +120,8 @@ def test_hbm_traffic_of_a_loop_body_by_memory_space():
     assert got["read"] == 64 * 32 * 2 + 4 * 16 * 4 + 50 * 16 * 4 + 2 * 4
     # Writes: the one updated cache slot, the evicted copy back to HBM, the matmul's result.
     assert got["write"] == 8 * 1 * 2 + 8 * 64 * 2 + 8 * 32 * 4
+    # The whole program: its entry does nothing but the loop, whose body (and condition: a pred) it counts once.
+    assert hlo_text.hbm_bytes(HBM_HLO) == {"read": got["read"], "write": got["write"] + 1}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install jaxsr[tpu])")

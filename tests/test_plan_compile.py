@@ -175,6 +175,7 @@ def test_the_dpo_steps_flops_count_every_layer_and_loop(one_slice):
     c = d["cost_all_layers"]
     assert c["while_loops"] == 0  # the cost variants have no loop whose body XLA would count once
     assert c["flops"] > d["flops"] and 0 < d["mfu_estimate"] < 1 and 0 < d["mfu_roofline_bound"] <= 1
+    assert 0 < c["hbm_bytes"] <= c["bytes_accessed"]
     # XLA's FLOPs against jaxsr's step counted by hand (causal blocks, remat=full recomputes the forward).
     ratio = c["flops"] * one_slice["devices"] / d["executed_flops"]
     print("XLA / hand-counted executed FLOPs", ratio)
