@@ -40,7 +40,8 @@ def computations(hlo: str) -> dict[str, list[str]]:
 
 
 def _entry(hlo: str, comps: dict) -> str | None:
-    return next((n for n in comps if re.search(rf"^ENTRY %?{re.escape(n)}\b", hlo, re.M)), None)
+    m = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M)
+    return m[1] if m and m[1] in comps else None
 
 
 def _callees(line: str) -> list[str]:
