@@ -372,7 +372,7 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
         dpo["executed_flops"] = dpo_executed_flops(model_cfg, run_cfg.dpo, run_cfg.model.remat)
         at_peak = dpo["model_flops"] / len(devices) / topo.peak_flops  # seconds per step at 100% MFU
         secs = c["optimal_seconds"]
-        # XLA gives a negative time when it cannot cost an op (about -1 s each: cross-slice collectives, custom calls).
+        # XLA gives a negative time when it cannot cost an op (cross-slice collectives, custom calls).
         dpo["mfu_estimate"] = at_peak / secs if secs > 0 else None
         # A bound that needs no time from XLA: the longest of the model's or XLA's FLOPs at peak and the HBM traffic
         # (hlo_text.hbm_bytes: XLA's bytes accessed also counts on-chip memory) at the HBM bandwidth (no

@@ -99,8 +99,8 @@ def table(p: dict) -> str:
                      f"{c['flops'] * n / d['executed_flops']:.2f}); model FLOPs (6 N tokens + attention): "
                      f"{d['model_flops'] / n / 1e12:.1f} (XLA / model {c['flops'] * n / d['model_flops']:.2f})")
         if d["mfu_estimate"] is None:
-            lines.append(f"- DPO step MFU from XLA's time: n/a (XLA gave {c['optimal_seconds']:.0f} s: it cannot "
-                         f"cost some ops, about -1 s each)")
+            lines.append(f"- DPO step MFU from XLA's time: n/a (XLA gave {c['optimal_seconds']:.0f} s: a negative "
+                         f"time means it could not cost some ops, such as the custom calls above)")
         else:
             lines.append(f"- DPO step MFU from XLA's time: **{d['mfu_estimate']:.1%}** = {d['model_flops'] / 1e12:.1f} "
                          f"model TFLOP / {n} chips / {c['optimal_seconds'] * 1e3:.0f} ms / "
