@@ -23,6 +23,10 @@ ACCELERATORS_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "
 _DEVICE_KINDS = {"tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e", "tpu v5e": "tpu-v5e", "tpu v5p": "tpu-v5p",
                  "tpu v5": "tpu-v5p", "tpu v6 lite": "tpu-v6e", "tpu v6e": "tpu-v6e", "h100": "h100", "h200": "h200",
                  "a100-sxm4-40gb": "a100-40", "a100-pcie-40gb": "a100-40", "a100": "a100-80", "cpu": "cpu"}
+# Devices of one host, which cap the sampler's tensor-parallel size (`decode_layout.decode_sizes`): a TPU VM of a
+# multi-host slice has 4 chips, as the abstract devices `jaxsr plan --compile` builds (libtpu's default host bounds
+# 2x2x1) do; any other device: all of them on one host (GPU hosts of 8 change nothing: the cap is 8 anyway).
+HOST_DEVICES = {"tpu-v4": 4, "tpu-v5e": 4, "tpu-v5p": 4, "tpu-v6e": 4}
 
 
 def _hf(model_type, V, D, F, L, H, K, ctx, eps, theta, **extra) -> dict:
@@ -192,8 +196,9 @@ def _activation_bytes(m, remat: str, rows: int, T: int, b: int, t: int) -> int:
     return rows * T * (L * saved + (every if remat != "none" else 0))
 
 
-def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
-    """Per-device bytes of each buffer of SFT, DPO and sampling, and whether the largest peak fits."""
+def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str, local_devices: int | None = None) -> dict:
+    """Per-device bytes of each buffer of SFT, DPO and sampling, and whether the largest peak fits.
+    local_devices: the devices of one process (None: `HOST_DEVICES` of the accelerator, else all)."""
     import numpy as np
 
     from .policy import DTYPES
@@ -207,13 +212,13 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     elems, repl = param_elements_per_device(m, sizes)
     moments = optimizer_dtypes(run_cfg, DTYPES[run_cfg.model.param_dtype])
     out = {"params": elems * pb, "optimizer": elems * sum(np.dtype(d).itemsize for d in moments),
-           # Policy.for_compute: the parameters in the compute dtype for sampling and reference log-probs, made
-           # once per loaded model and kept with it (so also through the DPO that follows in the same process).
+           # Policy.for_compute: the parameters in the compute dtype for reference log-probs (and judge scores),
+           # made once per loaded model and kept with it (so also through the DPO that follows in the same process).
            "compute_params": elems * b if b != pb else 0,
            # float32 accumulation (train.batch_grads); with grad_accum > 1 the micro-batch's gradient too.
            "gradients": elems * 4 * (2 if run_cfg.dpo.grad_accum > 1 or run_cfg.sft.grad_accum > 1 else 1),
            "reference": elems * pb if run_cfg.dpo.reference == "on_the_fly" else 0,
-           # In the storage dtype (an upper bound for sampling, which gathers the compute copy).
+           # Training's FSDP all-gathers, in the storage dtype.
            "gathered_weights": _gathered_bytes(m, t, pb)}
     rows = {}
     for stage in ("sft", "dpo"):
@@ -232,36 +237,49 @@ def plan_memory(model_cfg, run_cfg, *, devices: int, accelerator: str) -> dict:
     new = max(s.max_new_tokens, run_cfg.judge.max_new_tokens, run_cfg.prompts.max_new_tokens)
     # A prompt is at most a training example long (judge prompts hold a whole response): the upper bound.
     slots = bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length), fine=True) + bucket(new, fine=True)
-    rows["sample"] = -(-s.max_batch_rows // dp)
-    out["kv_cache"], out["sample_logits"] = _sampling_buffers(m, t, rows["sample"], slots, b)
-    held = out["params"] + out["compute_params"] + out["gathered_weights"]
-    train = held + out["optimizer"] + out["gradients"]
+    # The sampler runs on its own layout (Policy.for_decode, jaxsr.decode_layout): a compute-dtype copy of the
+    # weights, tensor-parallel and replicated over `data`; rows and the KV cache split over data x tensor.
+    local = local_devices or min(devices, HOST_DEVICES.get(accelerator, devices))
+    decode = lambda mc: _decode_bytes(mc, sizes, devices, local, s.decode_tensor, b, s.max_batch_rows, slots)  # noqa: E731
+    own = decode(m)
+    dsizes, rows["sample"] = own.pop("mesh"), own.pop("rows")
+    own["sample_logits"] = own.pop("logits")
+    out |= own
+    held = out["params"] + out["compute_params"]
+    train = held + out["gathered_weights"] + out["optimizer"] + out["gradients"]
     peaks = {"sft": train + out["sft_activations"] + out["sft_logits"],
              "dpo": train + out["reference"] + out["dpo_activations"] + out["dpo_logits"],
-             "sample": held + out["kv_cache"] + out["sample_logits"]}
-    # Models that only sample, stored in the compute dtype (policy for prompts.generator; chat.load_chat_policy
-    # with sample_only for dpo.selection_judge): their weights, FSDP gathers, KV cache and logits.
-    sampler = lambda mc: _sampler_bytes(mc, sizes, b, rows["sample"], slots)  # noqa: E731
+             # decode_layout.build: the cast copy on the policy's layout and the decode copy, both live.
+             "to_decode": held + out["decode_prepared"] + out["decode_params"],
+             "sample": held + out["decode_params"] + out["kv_cache"] + out["sample_logits"]}
     gen, judge = _other_models(run_cfg)
     if gen is not None:
-        # The fixed generator has the devices to itself: M_t is released before it loads (selfreward._prompts).
-        out |= {f"generator_{k}": v for k, v in sampler(gen).items()}
-        peaks["prompts"] = sum(out[f"generator_{k}"] for k in ("params", "gathered_weights", "kv_cache", "logits"))
+        # The fixed generator (stored in the compute dtype) has the devices to itself: M_t is released before it
+        # loads (selfreward._prompts).
+        g = {"params": param_elements_per_device(gen, sizes)[0] * b, **decode(gen)}
+        del g["mesh"], g["rows"]
+        out |= {f"generator_{k}": v for k, v in g.items()}
+        peaks["prompts"] = g["params"] + g["decode_params"] + max(g["decode_prepared"], g["kv_cache"] + g["logits"])
     if run_cfg.dpo.eval_every:
-        # Checkpoint selection runs inside DPO (jaxsr.selection): the training state stays; the checkpoint under
-        # test gets its compute copy; a fixed judge model adds its own weights, else M_t judges.
-        out["selection_checkpoint"] = elems * b
-        own = {"params": 0, "gathered_weights": 0, "kv_cache": out["kv_cache"], "logits": out["sample_logits"]}
-        j = sampler(judge) if judge is not None else own
-        out |= {f"selection_judge_{k}": j[k] for k in ("params", "kv_cache", "logits")}
-        peaks["selection"] = (train + out["selection_checkpoint"] + j["params"] + j["gathered_weights"]
-                              + max(j["kv_cache"], out["kv_cache"]) + max(j["logits"], out["sample_logits"]))
+        # Checkpoint selection runs inside DPO (jaxsr.selection): the training state stays; one decode copy at a
+        # time beside it (each made through a cast copy): M_t's, then the checkpoint's under test, then the
+        # judge's (a fixed judge model, whose weights stay loaded through DPO, or M_t).
+        out["selection_checkpoint"] = out["decode_params"]
+        if judge is not None:
+            j = {"params": param_elements_per_device(judge, sizes)[0] * b, **decode(judge)}
+        else:
+            j = {"params": 0, "decode_params": out["decode_params"], "decode_prepared": out["decode_prepared"],
+                 "kv_cache": out["kv_cache"], "logits": out["sample_logits"]}
+        out |= {f"selection_judge_{k}": j[k] for k in ("params", "decode_params", "kv_cache", "logits")}
+        answering = out["decode_params"] + max(out["decode_prepared"], out["kv_cache"] + out["sample_logits"])
+        judging = j["decode_params"] + max(j["decode_prepared"], j["kv_cache"] + j["logits"])
+        peaks["selection"] = train + j["params"] + max(answering, judging)
     capacity = accelerator_bytes(accelerator)
     usable = int(capacity * USABLE_FRACTION)
     return {"model": {"model_type": m.model_type, "num_params": m.num_params, "layers": m.num_layers,
                       "hidden": m.hidden_size, "heads": m.num_heads, "kv_heads": m.num_kv_heads, "vocab": m.vocab_size},
             "accelerator": accelerator, "device_bytes": capacity, "usable_bytes": usable, "devices": devices,
-            "mesh": sizes, "dtype": run_cfg.model.dtype, "param_dtype": run_cfg.model.param_dtype,
+            "mesh": sizes, "decode_mesh": dsizes, "dtype": run_cfg.model.dtype, "param_dtype": run_cfg.model.param_dtype,
             "remat": run_cfg.model.remat, "optimizer_dtypes": [np.dtype(d).name for d in moments],
             "replicated_param_elements": repl, "rows_per_device": rows, "kv_slots": slots,
             "bytes": out, "peaks": peaks, "peak": max(peaks.values()), "fits": max(peaks.values()) <= usable}
@@ -282,41 +300,49 @@ def _gathered_bytes(m, t: int, nbytes: int) -> int:
     return nbytes * (2 * per_layer // m.num_layers + m.vocab_size * m.hidden_size) // t
 
 
-def _sampling_buffers(m, t: int, rows: int, slots: int, b: int) -> tuple[int, int]:
-    """(KV cache in compute bytes `b`, float32 next-token logits) of `rows` rows of `slots` positions per device."""
-    return 2 * m.num_layers * rows * slots * (m.num_kv_heads // t) * m.head_dim * b, rows * m.vocab_size * 4 // t
+def _decode_bytes(m, sizes, devices: int, local_devices: int, tensor, b: int, max_rows: int, slots: int) -> dict:
+    """Per-device bytes of model `m` sampling on its decode layout (`decode_layout.build`), in compute bytes `b`:
+    its decode copy, the cast copy on the training layout `sizes` while that is made, and the KV cache and
+    float32 logits of `max_rows` rows of `slots` positions; with the decode mesh and the rows per device."""
+    from .decode_layout import decode_config, decode_layout_rules, decode_sizes
 
-
-def _sampler_bytes(m, sizes, b: int, rows: int, slots: int) -> dict:
-    """Per-device bytes of a model that only samples, on the run's mesh, in compute bytes `b`."""
-    t = sizes["tensor"]
-    kv, logits = _sampling_buffers(m, t, rows, slots, b)
-    return {"params": param_elements_per_device(m, sizes)[0] * b, "gathered_weights": _gathered_bytes(m, t, b),
-            "kv_cache": kv, "logits": logits}
+    dsizes = decode_sizes(m, devices, tensor, local_devices=local_devices)
+    t = dsizes["tensor"]
+    dcfg, _ = decode_config(m, t)  # kv heads repeated up to `t`
+    rows = -(-max_rows // dsizes["data"])  # the sampler's chunk: a multiple of data, split over it
+    vocab_shards = t if m.vocab_size % t == 0 else 1
+    return {"mesh": dsizes, "rows": rows,
+            "decode_params": param_elements_per_device(dcfg, dsizes, decode_layout_rules(m, t))[0] * b,
+            "decode_prepared": param_elements_per_device(dcfg, sizes)[0] * b,
+            "kv_cache": 2 * dcfg.num_layers * rows * slots * (dcfg.num_kv_heads // t) * dcfg.head_dim * b,
+            "logits": rows * m.vocab_size * 4 // vocab_shards}
 
 
 def format_plan(p: dict, source: str) -> str:
     g = lambda x: f"{x / GiB:10.2f}"  # noqa: E731
-    bt, r, ms = p["bytes"], p["rows_per_device"], p["mesh"]
+    bt, r, ms, dm = p["bytes"], p["rows_per_device"], p["mesh"], p["decode_mesh"]
     rows = [(f"parameters ({p['param_dtype']} storage)", bt["params"]),
             ("optimizer: AdamW " + " + ".join(p["optimizer_dtypes"]) + " moments", bt["optimizer"]),
             (f"{p['dtype']} copy of the parameters for inference", bt["compute_params"]),
             ("gradients (float32 accumulation)", bt["gradients"]),
             ("DPO reference params (dpo.reference=on_the_fly)", bt["reference"]),
-            ("all-gathered weights (2 layers + vocab matrix)", bt["gathered_weights"]),
+            ("training: all-gathered weights (2 layers + vocab matrix)", bt["gathered_weights"]),
             (f"SFT activations ({r['sft']} rows/device, remat={p['remat']})", bt["sft_activations"]),
             ("SFT logits + grad [B,T,V] float32", bt["sft_logits"]),
             (f"DPO activations ({r['dpo']} rows/device, remat={p['remat']})", bt["dpo_activations"]),
             ("DPO logits + grad [B,T,V] float32", bt["dpo_logits"]),
+            (f"sampler's decode copy ({p['dtype']}, data {dm['data']} x tensor {dm['tensor']})", bt["decode_params"]),
+            ("  its cast copy on the training layout, while it is made", bt["decode_prepared"]),
             (f"KV cache ({r['sample']} rows/device x {p['kv_slots']} slots)", bt["kv_cache"]),
             ("sampling logits [B,V] float32", bt["sample_logits"])]
     if "generator_params" in bt:
         rows += [(f"prompt generator: parameters ({p['dtype']})", bt["generator_params"]),
-                 ("prompt generator: all-gathered weights", bt["generator_gathered_weights"]),
+                 ("prompt generator: decode copy", bt["generator_decode_params"]),
                  ("prompt generator: KV cache + logits", bt["generator_kv_cache"] + bt["generator_logits"])]
     if "selection_checkpoint" in bt:
         rows += [(f"selection: checkpoint under test ({p['dtype']} copy)", bt["selection_checkpoint"]),
                  (f"selection: judge parameters ({p['dtype']}; 0 = M_t judges)", bt["selection_judge_params"]),
+                 ("selection: judge decode copy", bt["selection_judge_decode_params"]),
                  ("selection: judge KV cache + logits", bt["selection_judge_kv_cache"] + bt["selection_judge_logits"])]
     lines = [f"model     {source}: {p['model']['model_type']}, {p['model']['num_params']:,} parameters",
              f"hardware  {p['devices']} x {p['accelerator']} ({p['device_bytes'] / GiB:.1f} GiB each, "

@@ -2,11 +2,14 @@
 
 No TPU is needed: libtpu (pip install jaxsr[tpu]) describes the topology's chips as abstract devices, the mesh is
 laid out over them by the run's own `sharding.device_grid`, and XLA's TPU compiler partitions, schedules and
-assigns memory for the programs a pod would run, at their worst-case shapes: the SFT and DPO steps, the reference
-log-probs forward, and the sampler's prefill and decode. Per program: XLA's per-device memory (arguments,
-outputs, temporaries) plus what the run holds outside it, its FLOPs, bytes accessed and time estimate; derived: the
-DPO step's model-FLOPs utilisation, the decode step's bytes against weights + KV cache, and the collectives inside
-the decode loop. The hand planner (jaxsr.plan) stays the fast path and is printed beside each program.
+assigns memory for the programs a pod would run, at their worst-case shapes: the SFT and DPO steps and the
+reference log-probs forward on the training layout; the move of M_t's weights to the sampler's decode layout
+(`decode_layout.build`: a cast on the training layout, then the reshard) and the sampler's prefill and decode on
+that layout. Per program: XLA's per-device memory (arguments, outputs, temporaries) plus what the run holds outside
+it, its FLOPs, bytes accessed and time estimate; derived: the DPO step's FLOPs (XLA's, corrected for the loops it
+counts once, beside the model's) and model-FLOPs utilisation, the decode step's bytes against its weights + KV
+cache, and the collectives inside the decode loop. The hand planner (jaxsr.plan) stays the fast path and is printed
+beside each program.
 """
 
 from __future__ import annotations
@@ -19,16 +22,22 @@ import os
 import re
 import time
 
-from .plan import EXIT_DOES_NOT_FIT, GiB, USABLE_FRACTION, mesh_sizes, param_elements_per_device, plan_memory
+from .hlo_text import COLLECTIVES, custom_calls, hbm_bytes, loop_collectives, loop_hbm_bytes, while_loops
+from .plan import EXIT_DOES_NOT_FIT, GiB, USABLE_FRACTION, mesh_sizes, plan_memory
 
 # chip generation -> (jax topology prefix, HBM GiB per chip, peak bfloat16 FLOP/s per chip, TensorCores counted by
-# the Cloud TPU name's suffix per chip). Public Cloud TPU figures.
-CHIPS = {"v5e": ("v5e", 16, 197e12, 1), "v5p": ("v5p", 95, 459e12, 2), "v6e": ("v6e", 32, 918e12, 1)}
+# the Cloud TPU name's suffix per chip, HBM bytes/s per chip). Public Cloud TPU figures.
+CHIPS = {"v5e": ("v5e", 16, 197e12, 1, 819e9), "v5p": ("v5p", 95, 459e12, 2, 2765e9),
+         "v6e": ("v6e", 32, 918e12, 1, 1640e9)}
 # Chips -> the physical grid jax.experimental.topologies knows (2-D for the lite chips, 3-D for v5p).
 _GRIDS_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+# XLA:TPU turns an FSDP all-gather + matmul (and matmul + reduce-scatter) into a "windowed einsum" while loop of
+# partial matmuls and collective-permutes, whose body its cost analysis counts once: the DPO step's cost variants
+# are compiled without it, i.e. with the all-gathers and matmuls as separate ops (the same FLOPs and HBM bytes).
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
 class CompileUnavailable(RuntimeError):
@@ -55,6 +64,10 @@ class Topology:
     @property
     def peak_flops(self) -> float:
         return CHIPS[self.chip][2]
+
+    @property
+    def hbm_bandwidth(self) -> float:
+        return CHIPS[self.chip][4]
 
 
 def parse_topology(name: str) -> Topology:
@@ -168,7 +181,8 @@ def _reference_program(model_cfg, run_cfg, mesh):
 
 
 def sampler_shape(run_cfg, mesh) -> tuple[int, int, int]:
-    """(rows, prompt bucket, new-token bucket) of the sampler's largest chunk, as jaxsr.plan counts its KV cache."""
+    """(rows, prompt bucket, new-token bucket) of the sampler's largest chunk on `mesh` (the decode layout's), as
+    jaxsr.plan counts its KV cache."""
     from .data import bucket
     from .model.sharding import batch_multiple
 
@@ -178,87 +192,77 @@ def sampler_shape(run_cfg, mesh) -> tuple[int, int, int]:
             bucket(max(run_cfg.sft.max_length, run_cfg.dpo.max_length), fine=True), bucket(new, fine=True))
 
 
+def _to_decode_programs(model_cfg, run_cfg, mesh, target):
+    """{"decode_cast": (fn, args), "reshard": (fn, args)}: `decode_layout.build` from the training layout on `mesh`
+    to `target` = decode_layout.decode_target(...): its jitted cast (the same `prepare_fn`), then the program
+    `jax.device_put` runs to move the cast copy to the decode shardings (`device_put_shardings`; built per array,
+    compiled here for all of them at once)."""
+    import jax
+
+    from .decode_layout import device_put_shardings, layer_param_shardings, prepare_fn
+    from .model import decoder
+    from .model.sharding import DEFAULT_RULES
+    from .policy import DTYPES, param_shardings
+
+    d_mesh, d_rules, dcfg, repeat = target
+    dtype = run_cfg.model.dtype
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, DTYPES[run_cfg.model.param_dtype], sharding=sh),
+                          decoder.param_shapes(model_cfg), param_shardings(model_cfg, mesh),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    cast = prepare_fn(model_cfg, mesh, DEFAULT_RULES, repeat, dtype)
+    prepared = jax.eval_shape(cast, params)
+    src, dst = layer_param_shardings(dcfg, mesh, DEFAULT_RULES), layer_param_shardings(dcfg, d_mesh, d_rules)
+    moved_in = device_put_shardings(src, dst)
+    move = jax.jit(lambda tree: tree, in_shardings=(moved_in,), out_shardings=dst)
+    return {"decode_cast": (cast, (params,)), "reshard": (move, (_sds(prepared, moved_in),))}
+
+
 # --- what XLA says -------------------------------------------------------------------------------------------
 
 def _analysis(compiled) -> dict:
     ma, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
+    hlo = compiled.as_text()
     return {"memory": mem, "program_bytes": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
             "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "optimal_seconds": float(cost.get("optimal_seconds", float("nan")))}
-
-
-def _computations(hlo: str) -> dict[str, list[str]]:
-    """Optimized HLO text -> {computation name: its instruction lines}."""
-    comps, name = {}, None
-    for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if m and not line.startswith(" "):
-            name = m[1]
-            comps[name] = []
-        elif name is not None and line.strip() == "}":
-            name = None
-        elif name is not None:
-            comps[name].append(line)
-    return comps
-
-
-def _bytes_of(type_str: str) -> int:
-    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-    total = 0
-    for dt, dims in re.findall(r"\b(f32|s32|u32|bf16|f16|s8|u8|pred|f64|s64)\[([\d,]*)\]", type_str):
-        total += sizes[dt] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def loop_collectives(hlo: str) -> dict:
-    """Collectives reachable from the bodies of the entry computation's while loops (the decode loop), by kind,
-    with the bytes their results hold per execution of the body (async `-start` ops counted once)."""
-    comps = _computations(hlo)
-    entry = next((n for n in comps if re.search(rf"^ENTRY %?{re.escape(n)}\b", hlo, re.M)), None)
-    bodies = [b for line in comps.get(entry, []) for b in re.findall(r"body=%?([\w.\-]+)", line)]
-    seen, stack, out = set(), list(bodies), {k: {"count": 0, "bytes": 0} for k in _COLLECTIVES}
-    while stack:
-        c = stack.pop()
-        if c in seen or c not in comps:
-            continue
-        seen.add(c)
-        for line in comps[c]:
-            stack += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line)
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
-                stack += [x.strip().lstrip("%") for x in group.split(",")]
-            m = re.search(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
-                          r"(-start)?\(", line)
-            if m:
-                out[m[2]]["count"] += 1
-                # An async -start returns (operands, result): its last array is what the collective makes.
-                shapes = re.findall(r"\b(?:f32|s32|u32|bf16|f16|s8|u8|pred|f64|s64)\[[\d,]*\]", m[1])
-                out[m[2]]["bytes"] += _bytes_of(shapes[-1] if m[3] and shapes else m[1])
-    return {"while_loops": len(bodies), **out}
+            "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+            "hbm_bytes": sum(hbm_bytes(hlo).values()), "while_loops": while_loops(hlo)["count"],
+            "custom_calls": custom_calls(hlo)}
 
 
 def _extrapolated_cost(kind: str, model_cfg, run_cfg, mesh) -> dict:
-    """FLOPs, bytes and time of the whole step, which XLA does not give: it counts a scan / while body once whatever
-    its trip count (the layer scan, the micro-batch scan). Two unrolled variants of one micro-batch, with 1 and 2
-    layers, give cost(L) = c1 + (c2 - c1) * (L - 1); times grad_accum micro-batches (which counts the AdamW update
+    """FLOPs, bytes and time of the whole step, which XLA does not give for the real program: its cost analysis
+    counts a while body once whatever its trip count (the layer scan, the micro-batch scan, and XLA:TPU's
+    windowed-einsum loops of FSDP matmuls). Two variants of one micro-batch with the layers unrolled, 1 and 2 of
+    them, compiled without windowed einsums (`NO_WINDOWED_EINSUM`), have no loop left (`while_loops` says if one
+    is): cost(L) = c1 + (c2 - c1) * (L - 1), times grad_accum micro-batches (which counts the AdamW update
     grad_accum times: a slight overestimate of the step)."""
+    options = NO_WINDOWED_EINSUM if mesh.devices.flat[0].platform == "tpu" else {}  # XLA:CPU has no such loops
     c = []
     for layers in (1, 2):
         fn, args = _step_program(kind, model_cfg, run_cfg, mesh, num_layers=layers, micro_batch_only=True)
-        c.append(_analysis(fn.lower(*args).compile()))
+        c.append(_analysis(fn.lower(*args).compile(compiler_options=options)))
     L, A = model_cfg.num_layers, getattr(run_cfg, kind).grad_accum
-    return {k: A * (c[0][k] + (c[1][k] - c[0][k]) * (L - 1)) for k in ("flops", "bytes_accessed", "optimal_seconds")}
+    out = {k: A * (c[0][k] + (c[1][k] - c[0][k]) * (L - 1))
+           for k in ("flops", "bytes_accessed", "hbm_bytes", "optimal_seconds")}
+    return out | {"while_loops": max(x["while_loops"] for x in c), "custom_calls": c[1]["custom_calls"]}
+
+
+def _dpo_shape(m, sec):
+    """(rows, tokens per row, scored tokens, matmul parameters outside the vocabulary matrices) of a DPO step."""
+    T = 2 * sec.max_length if sec.shared_prompt else sec.max_length
+    rows = sec.batch_size * (1 if sec.shared_prompt else 2)
+    body = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return rows, T, 2 * sec.batch_size * sec.max_length, body
 
 
 def dpo_model_flops(m, sec) -> float:
     """Model FLOPs of one DPO step (PaLM's MFU convention: no rematerialisation, padding or reference forward when
     precomputed): 6 x matmul parameters x tokens + 6 x L x H x E x T per token (causal attention, fwd + bwd) +
     6 x V x D per scored token (the LM head only runs at response positions)."""
-    T = 2 * sec.max_length if sec.shared_prompt else sec.max_length
-    rows = sec.batch_size * (1 if sec.shared_prompt else 2)
-    tokens, scored = rows * T, 2 * sec.batch_size * sec.max_length
-    body = m.num_params - m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    rows, T, scored, body = _dpo_shape(m, sec)
+    tokens = rows * T
     attn = 6 * m.num_layers * m.num_heads * m.head_dim * T
     fwd_bwd = 6 * body * tokens + attn * tokens + 6 * m.vocab_size * m.hidden_size * scored
     if sec.reference == "on_the_fly":
@@ -266,66 +270,96 @@ def dpo_model_flops(m, sec) -> float:
     return float(fwd_bwd)
 
 
+def dpo_executed_flops(m, sec, remat: str) -> float:
+    """The matmul FLOPs jaxsr's DPO step executes, by the same counts as `dpo_model_flops` plus what it leaves out:
+    attention over causal query blocks (`decoder.query_blocks`: more than half of the T x T scores) and the
+    recomputation of rematerialised layers (remat=full: the layer's forward again; dots: the attention matmuls,
+    whose batch dimensions keep them out of the saved dots)."""
+    from .model.decoder import query_blocks
+
+    rows, T, scored, body = _dpo_shape(m, sec)
+    pairs = sum((j - i) * j for i, j in query_blocks(T))  # (query, key) pairs scored per row and layer
+    attn_fwd = 4 * m.num_layers * m.num_heads * m.head_dim * pairs * rows  # q.k and p.v
+    fwd = 2 * body * rows * T + attn_fwd + 2 * m.vocab_size * m.hidden_size * scored
+    recompute = {"none": 0, "dots": attn_fwd, "full": 2 * body * rows * T + attn_fwd}[remat]
+    return float(3 * fwd + recompute + (fwd if sec.reference == "on_the_fly" else 0))
+
+
 # --- the plan ------------------------------------------------------------------------------------------------
 
-PROGRAMS = ("sft_step", "dpo_step", "reference", "prefill", "decode")
+PROGRAMS = ("sft_step", "dpo_step", "reference", "decode_cast", "reshard", "prefill", "decode")
+
+
+def _shard_bytes(tree) -> int:
+    """Per-device bytes of abstract arrays on their shardings (every device holds the same shard size)."""
+    import jax
+    import numpy as np
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: tuple[str, ...] = PROGRAMS,
                  derived: bool = True) -> dict:
-    """Compiles the programs of an iteration (default: all) for `topology`; returns per-program numbers and whether
-    all fit. `derived`: also the DPO step's cost over all layers (two more compiles) and its MFU estimate."""
+    """Compiles the programs of an iteration (default: all, `PROGRAMS`) for `topology`; returns per-program numbers
+    and whether all fit. `derived`: also the DPO step's cost over all layers (two more compiles) and its MFU."""
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown or not programs:
+        raise ValueError(f"unknown program(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PROGRAMS)}")
     wanted = programs
     import jax
 
     from . import sampler, stop
-    from .model.sharding import DEFAULT_RULES, make_mesh
+    from .decode_layout import decode_target, process_devices
+    from .model import decoder
+    from .model.sharding import make_mesh
     from .next_token import sampling_mode
-    import numpy as np
-
-    from .policy import DTYPES
 
     topo = parse_topology(topology)
     devices = abstract_devices(topo) if devices is None else devices
     sizes = mesh_sizes(run_cfg.mesh, len(devices), model_cfg.hidden_size)
     mesh = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
-    hand = plan_memory(model_cfg, run_cfg, devices=len(devices), accelerator=f"tpu-{topo.chip}")
+    # The sampler's layout over the training mesh's devices, chosen as Policy.for_decode chooses it.
+    target = decode_target(model_cfg, mesh.devices.flat, run_cfg.sample.decode_tensor)
+    d_mesh, d_rules, dcfg, _ = target
+    hand = plan_memory(model_cfg, run_cfg, devices=len(devices), accelerator=f"tpu-{topo.chip}",
+                       local_devices=process_devices(devices))
     hb = hand["bytes"]
     usable = int(topo.hbm_bytes * USABLE_FRACTION)
     # Held by the run outside each program (exact, from the hand planner's parameter rows): M_t's parameters and
-    # their compute copy stay loaded while DPO trains a copy of them and while the sampler runs on a per-layer copy.
-    held = {"sft_step": hb["params"] + hb["compute_params"], "dpo_step": hb["params"] + hb["compute_params"],
-            "reference": hb["params"] if hb["compute_params"] else 0,
-            "prefill": hb["params"] + hb["compute_params"], "decode": hb["params"] + hb["compute_params"]}
+    # their compute copy stay loaded while DPO trains a copy of them, while they are moved to the decode layout
+    # (the cast's argument is the parameters themselves) and while the sampler runs on its decode copy.
+    policy = hb["params"] + hb["compute_params"]
+    held = {"sft_step": policy, "dpo_step": policy, "reference": hb["params"] if hb["compute_params"] else 0,
+            "decode_cast": hb["compute_params"], "reshard": policy, "prefill": policy, "decode": policy}
     hand_peak = {"sft_step": hand["peaks"]["sft"], "dpo_step": hand["peaks"]["dpo"], "reference": None,
-                 "prefill": hand["peaks"]["sample"], "decode": hand["peaks"]["sample"]}
+                 "decode_cast": None, "reshard": hand["peaks"]["to_decode"], "prefill": hand["peaks"]["sample"],
+                 "decode": hand["peaks"]["sample"]}
+    B, P, N = sampler_shape(run_cfg, d_mesh)
+    s, j = run_cfg.sample, run_cfg.judge
+    # The judge's stop automaton (selfreward.judge), a replicated [vocab, states] table, when it stops at the score.
+    kind = ("score" if j.mode == "sampled" else "score_marker") if j.stop_at_score else None
+    stop_shape = (model_cfg.vocab_size, stop.STATES[kind]) if kind else (1, 2)
+    mode = sampling_mode(s.temperature, s.top_p, s.top_k, model_cfg.vocab_size)
     programs, compiled = {}, {}
-    for kind in ("sft", "dpo"):
-        name = f"{kind}_step"
+    for name in PROGRAMS:
         if name not in wanted:
             continue
         t = time.perf_counter()
-        fn, args = _step_program(kind, model_cfg, run_cfg, mesh)
-        compiled[name] = fn.lower(*args).compile()
+        if name == "prefill":
+            compiled[name] = sampler.prefill_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, B, P, N,
+                                                     run_cfg.model.attention)
+        elif name == "decode":
+            compiled[name] = sampler.decode_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, mode, B, P, N,
+                                                    sampler.EOS_SLOTS, stop_shape)
+        else:
+            if name in ("sft_step", "dpo_step"):
+                fn, args = _step_program(name[:3], model_cfg, run_cfg, mesh)
+            elif name == "reference":
+                fn, args = _reference_program(model_cfg, run_cfg, mesh)
+            else:
+                fn, args = _to_decode_programs(model_cfg, run_cfg, mesh, target)[name]
+            compiled[name] = fn.lower(*args).compile()
         programs[name] = {"compile_seconds": time.perf_counter() - t}
-    if "reference" in wanted:
-        t = time.perf_counter()
-        fn, args = _reference_program(model_cfg, run_cfg, mesh)
-        compiled["reference"] = fn.lower(*args).compile()
-        programs["reference"] = {"compile_seconds": time.perf_counter() - t}
-    B, P, N = sampler_shape(run_cfg, mesh)
-    if {"prefill", "decode"} & set(wanted):
-        s, j = run_cfg.sample, run_cfg.judge
-        # The judge's stop automaton (selfreward.judge), a replicated [vocab, states] table, when it stops at the score.
-        kind = ("score" if j.mode == "sampled" else "score_marker") if j.stop_at_score else None
-        stop_shape = (model_cfg.vocab_size, stop.STATES[kind]) if kind else (1, 2)
-        t = time.perf_counter()
-        compiled["prefill"], compiled["decode"] = sampler.programs(
-            model_cfg, mesh, run_cfg.model.dtype, DEFAULT_RULES,
-            sampling_mode(s.temperature, s.top_p, s.top_k, model_cfg.vocab_size), B, P, N, sampler.EOS_SLOTS,
-            stop_shape, run_cfg.model.attention)
-        programs["prefill"] = {"compile_seconds": time.perf_counter() - t}
-        programs["decode"] = {"compile_seconds": 0.0}  # compiled with the prefill (sampler.programs)
     for name, c in compiled.items():
         a = _analysis(c)
         total = a["program_bytes"] + held[name]
@@ -334,25 +368,44 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
     # Derived figures.
     if derived and "dpo_step" in programs:
         dpo = programs["dpo_step"]
-        dpo["cost_all_layers"] = _extrapolated_cost("dpo", model_cfg, run_cfg, mesh)
+        c = dpo["cost_all_layers"] = _extrapolated_cost("dpo", model_cfg, run_cfg, mesh)
         dpo["model_flops"] = dpo_model_flops(model_cfg, run_cfg.dpo)
-        secs = dpo["cost_all_layers"]["optimal_seconds"]
-        # XLA gives a negative time when it cannot cost an op (about -1 s each: cross-slice collectives, custom calls).
-        dpo["mfu_estimate"] = dpo["model_flops"] / len(devices) / topo.peak_flops / secs if secs > 0 else None
+        dpo["executed_flops"] = dpo_executed_flops(model_cfg, run_cfg.dpo, run_cfg.model.remat)
+        at_peak = dpo["model_flops"] / len(devices) / topo.peak_flops  # seconds per step at 100% MFU
+        secs = c["optimal_seconds"]
+        # XLA gives a negative time when it cannot cost an op (cross-slice collectives, custom calls).
+        dpo["mfu_estimate"] = at_peak / secs if secs > 0 else None
+        # A bound that needs no time from XLA: the longest of the model's or XLA's FLOPs at peak and the HBM traffic
+        # (hlo_text.hbm_bytes: XLA's bytes accessed also counts on-chip memory) at the HBM bandwidth (no
+        # communication, perfect overlap).
+        roof = max(at_peak, c["flops"] / topo.peak_flops, c["hbm_bytes"] / topo.hbm_bandwidth)
+        dpo["mfu_roofline_bound"] = at_peak / roof
     if "decode" in programs:
-        b = np.dtype(DTYPES[run_cfg.model.dtype]).itemsize
-        dp, t_ = sizes["data"] * sizes["fsdp"], sizes["tensor"]
-        weights = param_elements_per_device(model_cfg, sizes)[0] * b
-        kv = 2 * model_cfg.num_layers * (B // dp) * (P + N) * (model_cfg.num_kv_heads // t_) * model_cfg.head_dim * b
-        dec = programs["decode"]
-        dec |= {"weights_bytes": weights, "kv_cache_bytes": kv,
-                "bytes_per_step_ratio": dec["bytes_accessed"] / (weights + kv),
-                "loop_collectives": loop_collectives(compiled["decode"].as_text())}
+        # Weights and KV cache per device from the decode program's own arguments and their shardings.
+        weights = _shard_bytes(sampler._abstract_params(dcfg, d_mesh, run_cfg.model.dtype, d_rules))
+        kv = 2 * dcfg.num_layers * math.prod(
+            sampler._cache_sharding(d_mesh, d_rules).shard_shape((B, dcfg.num_kv_heads, dcfg.head_dim, P + N))) * \
+            jax.numpy.dtype(run_cfg.model.dtype).itemsize
+        dec, hlo = programs["decode"], compiled["decode"].as_text()
+        loop, hbm = loop_collectives(hlo), loop_hbm_bytes(hlo)
+        # A weight all-gathered over some of the `tensor` devices makes 2..tensor of its shards: an all-gather
+        # whose result has that many elements is counted as one (activations, [rows, ...], have other sizes).
+        t, shapes = d_mesh.shape["tensor"], decoder.param_shapes(dcfg)
+        matrices = [s_[1:] for s_ in shapes["layers"].values() if len(s_) >= 3]
+        matrices += [shapes[k] for k in ("embed", "lm_head") if k in shapes]
+        weight_sizes = {math.prod(s_) * k // t for s_ in matrices for k in range(2, t + 1)} | {
+            math.prod(s_) for s_ in matrices}
+        dec |= {"weights_bytes": weights, "kv_cache_bytes": kv, "hbm_read_bytes": hbm["read"],
+                "hbm_write_bytes": hbm["write"], "hbm_read_ratio": hbm["read"] / (weights + kv),
+                "hbm_traffic_ratio": (hbm["read"] + hbm["write"]) / (weights + kv),
+                "xla_bytes_ratio": dec["bytes_accessed"] / (weights + kv), "loop_collectives": loop,
+                "weight_sized_all_gathers": sum(n in weight_sizes for n in loop["all_gathers"])}
     fits = all(p["fits"] for p in programs.values())
     return {"topology": topo.name, "jax_topology": topo.grid, "num_slices": topo.num_slices, "chip": topo.chip,
             "devices": len(devices), "device_kind": devices[0].device_kind, "hbm_bytes": topo.hbm_bytes,
-            "peak_flops": topo.peak_flops,
-            "usable_bytes": usable, "mesh": sizes, "sampler_shape": {"rows": B, "prompt": P, "new": N},
+            "peak_flops": topo.peak_flops, "hbm_bandwidth": topo.hbm_bandwidth,
+            "usable_bytes": usable, "mesh": sizes, "decode_mesh": dict(d_mesh.shape), "kv_repeat": target[3],
+            "sampler_shape": {"rows": B, "prompt": P, "new": N},
             "programs": programs, "fits": fits, "hand": hand, "jax": jax.__version__}
 
 
@@ -361,46 +414,62 @@ def format_compile_plan(p: dict, source: str) -> str:
     unit, div = ("GiB", GiB) if big else ("MiB", 2**20)
     g = lambda x: f"{'-':>9}" if x is None else f"{x / div:9.2f}"  # noqa: E731
     ms = lambda x: f"{x * 1e3:8.2f}" if x >= 0 else f"{'n/a':>8}"  # noqa: E731
-    m_ = p["mesh"]
+    m_, d_ = p["mesh"], p["decode_mesh"]
     lines = [f"model     {source}: {p['hand']['model']['num_params']:,} parameters",
              f"topology  {p['topology']} ({p['jax_topology']} x {p['num_slices']} slice(s)): {p['devices']} x "
              f"{p['device_kind']}, {p['hbm_bytes'] / GiB:.0f} GiB HBM each, {p['usable_bytes'] / GiB:.1f} GiB usable "
              f"at {USABLE_FRACTION:.0%}",
              f"mesh      data={m_['data']} fsdp={m_['fsdp']} tensor={m_['tensor']}; compute {p['hand']['dtype']}, "
-             f"storage {p['hand']['param_dtype']}; remat {p['hand']['remat']}; sampler chunk "
+             f"storage {p['hand']['param_dtype']}; remat {p['hand']['remat']}",
+             f"sampler   decode layout data={d_['data']} tensor={d_['tensor']} (kv heads x{p['kv_repeat']}); chunk "
              f"{p['sampler_shape']['rows']} rows x ({p['sampler_shape']['prompt']} + {p['sampler_shape']['new']}) slots",
              "", f"per device ({unit})  arguments   outputs   aliased temporary  held-out     total  hand-plan  fits"
-             f"    TFLOP  GB-accessed   xla-ms  compile-s"]
+             f"    TFLOP  GB-accessed   xla-ms loops  compile-s"]
     for name, q in p["programs"].items():
         m = q["memory"]
         lines.append(f"{name:<15}{g(m['argument'])} {g(m['output'])} {g(m['alias'])} {g(m['temp'])} "
                      f"{g(q['held_outside'])} {g(q['total_bytes'])}  {g(q['hand_bytes'])} {'yes' if q['fits'] else 'NO':>5}"
                      f" {q['flops'] / 1e12:8.3f} {q['bytes_accessed'] / 1e9:12.3f} {ms(q['optimal_seconds'])}"
-                     f" {q['compile_seconds']:10.1f}")
+                     f" {q['while_loops']:5d} {q['compile_seconds']:10.1f}")
     lines += ["", "total = arguments + outputs - aliased + temporary (XLA's memory analysis) + held-out (M_t's parameters"
               " and compute copy, which the run keeps outside the program); hand-plan: jaxsr plan's peak of that phase.",
-              "TFLOP, GB-accessed, xla-ms: XLA's cost analysis, which counts a scan / while body once (n/a: XLA gave a "
-              "negative time, i.e. it could not cost some op)."]
+              "TFLOP, GB-accessed, xla-ms: XLA's cost analysis, which counts the body of each of the program's while "
+              "loops (column loops) once and gives custom calls no FLOPs and a negative time (n/a)."]
     d, dec = p["programs"].get("dpo_step", {}), p["programs"].get("decode")
     if "cost_all_layers" in d:
-        c = d["cost_all_layers"]
-        mfu = "n/a" if d["mfu_estimate"] is None else f"{d['mfu_estimate']:.1%}"
-        lines += [f"DPO step over all layers and micro-batches (1- and 2-layer unrolled variants, extrapolated): "
-                  f"{c['flops'] / 1e12:.3f} TFLOP, {c['bytes_accessed'] / 1e9:.2f} GB, {ms(c['optimal_seconds']).strip()} ms"
-                  f" per device", f"DPO step MFU estimate: {d['model_flops'] / 1e12:.2f} model TFLOP / {p['devices']} "
-                  f"chips / {ms(c['optimal_seconds']).strip()} ms at {p['peak_flops'] / 1e12:.0f} TFLOP/s = {mfu}"]
+        c, n = d["cost_all_layers"], p["devices"]
+        mfu = "n/a (XLA's time is negative)" if d["mfu_estimate"] is None else f"{d['mfu_estimate']:.1%}"
+        calls = ", ".join(f"{k} x{v}" for k, v in c["custom_calls"].items()) or "none"
+        lines += [f"DPO step cost (1- and 2-layer unrolled variants without windowed einsums, extrapolated over "
+                  f"{p['hand']['model']['layers']} layers and the micro-batches; loops left in them: "
+                  f"{c['while_loops']}; custom calls, not costed: {calls}):",
+                  f"  FLOPs per device: XLA {c['flops'] / 1e12:.3f} T; executed by jaxsr's step as counted by hand "
+                  f"(causal blocks, remat {p['hand']['remat']}) {d['executed_flops'] / n / 1e12:.3f} T "
+                  f"(XLA / hand {c['flops'] * n / d['executed_flops']:.2f}); model FLOPs (6 N tokens + attention) "
+                  f"{d['model_flops'] / n / 1e12:.3f} T (XLA / model {c['flops'] * n / d['model_flops']:.2f})",
+                  f"  MFU estimate: model FLOPs / {n} chips / XLA's time {ms(c['optimal_seconds']).strip()} ms / "
+                  f"{p['peak_flops'] / 1e12:.0f} TFLOP/s = {mfu}; roofline bound (model or XLA FLOPs at peak, HBM "
+                  f"traffic {c['hbm_bytes'] / 1e9:.1f} GB at {p['hbm_bandwidth'] / 1e9:.0f} GB/s, no "
+                  f"communication): {d['mfu_roofline_bound']:.1%}"]
     if dec is not None:
-        lines += [f"decode step: {dec['bytes_accessed'] / GiB:.4f} GiB accessed per device vs weights "
-                  f"{dec['weights_bytes'] / GiB:.4f} + KV cache {dec['kv_cache_bytes'] / GiB:.4f} GiB: "
-                  f"{dec['bytes_per_step_ratio']:.2f}x",
+        loop = dec["loop_collectives"]
+        w_kv = dec["weights_bytes"] + dec["kv_cache_bytes"]
+        lines += [f"decode step (decode layout), per device: weights {dec['weights_bytes'] / GiB:.4f} + KV cache "
+                  f"{dec['kv_cache_bytes'] / GiB:.4f} = {w_kv / GiB:.4f} GiB; the loop body reads "
+                  f"{dec['hbm_read_bytes'] / GiB:.4f} GiB from HBM ({dec['hbm_read_ratio']:.2f}x) and writes "
+                  f"{dec['hbm_write_bytes'] / GiB:.4f} GiB ({dec['hbm_traffic_ratio']:.2f}x both); XLA's bytes accessed "
+                  f"{dec['bytes_accessed'] / GiB:.4f} GiB ({dec['xla_bytes_ratio']:.2f}x: every memory space, the "
+                  f"set-up before the loop too); loops nested in the body (sampling, counted once): "
+                  f"{loop['nested_while_loops']}",
                   "decode loop body collectives: " + ", ".join(
-                      f"{k} {v['count']} ({v['bytes'] / 2**20:.2f} MiB)" for k, v in dec["loop_collectives"].items()
-                      if k != "while_loops")]
+                      f"{k} {loop[k]['count']} ({loop[k]['bytes'] / 2**20:.2f} MiB)" for k in COLLECTIVES)
+                  + f"; weight-sized all-gathers: {dec['weight_sized_all_gathers']}"]
     bad = [f"{n} needs {q['total_bytes'] / GiB:.2f} GiB per device" for n, q in p["programs"].items() if not q["fits"]]
     lines.append(f"\nverdict: {'FITS' if p['fits'] else 'DOES NOT FIT'}"
                  + (f" ({'; '.join(bad)}; {p['usable_bytes'] / GiB:.1f} GiB usable on {p['chip']})" if bad else ""))
     return "\n".join(lines)
 
 
-__all__ = ["CompileUnavailable", "EXIT_DOES_NOT_FIT", "PROGRAMS", "Topology", "abstract_devices", "compile_plan",
-           "format_compile_plan", "loop_collectives", "parse_topology"]
+__all__ = ["CompileUnavailable", "EXIT_DOES_NOT_FIT", "NO_WINDOWED_EINSUM", "PROGRAMS", "Topology",
+           "abstract_devices", "compile_plan", "dpo_executed_flops", "dpo_model_flops", "format_compile_plan",
+           "loop_collectives", "parse_topology"]

@@ -165,21 +165,31 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
                    out_shardings=((b2, b2, b1, b1, b1, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
 
 
-@functools.lru_cache(maxsize=64)
-def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int, prompt_bucket: int,
-              new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla"):
-    """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
-    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's (decode
-    steps take the XLA path)."""
+def _abstract_params(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
+    """`DecodeModel.params` as abstract arrays (per-layer weights on `rules`' layout, in `dtype`)."""
+    shapes = decoder.param_shapes(cfg)
+    shapes["layers"] = [{k: v[1:] for k, v in shapes["layers"].items()}] * cfg.num_layers
+    return jax.tree.map(lambda shape, sh: jax.ShapeDtypeStruct(shape, DTYPES[dtype], sharding=sh), shapes,
+                        layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def prefill_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, batch: int, prompt_bucket: int,
+                    new_bucket: int, attention: str = "xla"):
+    """The compiled prefill of one chunk shape (see `programs`); `attention`: its attention path (decode steps take
+    the XLA path)."""
+    b2 = batch_sharding(mesh, 2, rules)
+    ids = jax.ShapeDtypeStruct((batch, prompt_bucket), jnp.int32, sharding=b2)
+    mask = jax.ShapeDtypeStruct((batch, prompt_bucket), bool, sharding=b2)
+    return _prefill_fn(cfg, mesh, dtype, rules, new_bucket, attention).lower(
+        _abstract_params(cfg, mesh, dtype, rules), ids, mask).compile()
+
+
+def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int,
+                   prompt_bucket: int, new_bucket: int, eos_slots: int, stop_shape: tuple[int, int]):
+    """The compiled decode of one chunk shape (see `programs`)."""
     B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
     sds = jax.ShapeDtypeStruct
     b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
-    shapes = decoder.param_shapes(cfg)
-    shapes["layers"] = [{k: v[1:] for k, v in shapes["layers"].items()}] * cfg.num_layers
-    params = jax.tree.map(lambda shape, sh: sds(shape, DTYPES[dtype], sharding=sh), shapes,
-                          layer_param_shardings(cfg, mesh, rules), is_leaf=lambda x: isinstance(x, tuple))
-    ids, mask = sds((B, P), jnp.int32, sharding=b2), sds((B, P), bool, sharding=b2)
-    prefill = _prefill_fn(cfg, mesh, dtype, rules, new_bucket, attention).lower(params, ids, mask).compile()
     K, E, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     k_layer = sds((B, K, E, S), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
     v_layer = sds((B, K, S, E), DTYPES[dtype], sharding=_cache_sharding(mesh, rules))
@@ -189,10 +199,19 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
                   sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep),
                   sds(stop_shape, jnp.int32, sharding=rep))
     row_i32 = sds((B,), jnp.int32, sharding=b1)
-    decode = _decode_fn(cfg, mesh, dtype, rules, mode, P).lower(
-        params, cache, sds((B, V), jnp.float32, sharding=b2), mask, sds((B,), bool, sharding=b1), row_i32, row_i32,
-        row_i32, sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
-    return prefill, decode
+    return _decode_fn(cfg, mesh, dtype, rules, mode, P).lower(
+        _abstract_params(cfg, mesh, dtype, rules), cache, sds((B, V), jnp.float32, sharding=b2),
+        sds((B, P), bool, sharding=b2), sds((B,), bool, sharding=b1), row_i32, row_i32, row_i32,
+        sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
+
+
+@functools.lru_cache(maxsize=64)
+def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int, prompt_bucket: int,
+             new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla"):
+    """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
+    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's."""
+    return (prefill_program(cfg, mesh, dtype, rules, batch, prompt_bucket, new_bucket, attention),
+            decode_program(cfg, mesh, dtype, rules, mode, batch, prompt_bucket, new_bucket, eos_slots, stop_shape))
 
 
 def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int], *, new_bucket, mode, knobs,

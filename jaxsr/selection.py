@@ -114,13 +114,19 @@ class Selector:
             for old in (self.work_dir / "selected").iterdir():
                 if old != out:
                     shutil.rmtree(old)
+        self.judge.release_decode()  # training resumes and needs the memory; made again at the next evaluation
         log.info("selection step %d vs step %d: %d/%d/%d (win rate %.3f) -> %s", step, prev["step"], t["wins"],
                  t["ties"], t["losses"], t["win_rate"], decision)
         return entry
 
     def _answers(self, policy: Policy) -> list[str]:
-        return greedy_answers(policy, self.prompts, max_new_tokens=self.max_new_tokens,
-                              max_batch_rows=self.max_batch_rows, backend=self.backend)
+        # One decode copy on the devices at a time (beside the training state): M_t's goes before the
+        # checkpoint's is made, and the judge makes its own after both.
+        try:
+            return greedy_answers(policy, self.prompts, max_new_tokens=self.max_new_tokens,
+                                  max_batch_rows=self.max_batch_rows, backend=self.backend)
+        finally:
+            policy.release_decode()
 
     def stats(self) -> dict:
         """The log without the answers, for the stage's stats (manifest and report)."""

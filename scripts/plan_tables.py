@@ -8,6 +8,7 @@ the machine and the date. Needs libtpu (pip install 'jaxsr[tpu]'); no TPU.
   python scripts/plan_tables.py                                   # all accelerator configs, markdown on stdout
   python scripts/plan_tables.py --configs configs/llama3.1_8b.yaml --json-dir /tmp/plans
   python scripts/plan_tables.py --from-json /tmp/plans            # render saved plans again
+  python scripts/plan_tables.py --configs configs/paper_llama2_70b.yaml --programs decode   # only some programs
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
-PROGRAMS = ("sft_step", "dpo_step", "reference", "prefill", "decode")
-# HBM bandwidth per chip, bytes/s (public Cloud TPU figures), for the roofline time when XLA gives no time.
-HBM_BANDWIDTH = {"v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+PROGRAMS = ("sft_step", "dpo_step", "reference", "decode_cast", "reshard", "prefill", "decode")
 
 
 def accelerator_configs() -> list[Path]:
@@ -38,8 +37,9 @@ def accelerator_configs() -> list[Path]:
     return [p for p in sorted((REPO / "configs").glob("*.yaml")) if load_config(p).mesh.topology]
 
 
-def compile_one(config: Path, json_dir: Path | None, timeout: float) -> dict:
+def compile_one(config: Path, json_dir: Path | None, timeout: float, programs: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "jaxsr.cli", "plan", "--config", str(config), "--compile", "--json"]
+    cmd += ["--programs", programs] if programs else []
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     t = time.perf_counter()
     try:
@@ -64,14 +64,16 @@ def _gib(x) -> str:
 def table(p: dict) -> str:
     if "error" in p:
         return f"### `configs/{p['config']}`\n\nNo compiled plan: {p['error']}.\n"
-    h, ms = p["hand"], p["mesh"]
+    h, ms, dm = p["hand"], p["mesh"], p["decode_mesh"]
+    only = "" if set(p["programs"]) == set(PROGRAMS) else f" (only {', '.join(p['programs'])})"
     lines = [f"### `configs/{p['config']}` on {p['topology']}",
              "",
              f"{h['model']['num_params'] / 1e9:.2f} B parameters; {p['devices']} x {p['device_kind']} "
              f"({p['hbm_bytes'] / GiB:.0f} GiB HBM, {p['usable_bytes'] / GiB:.1f} GiB usable at 90%); mesh data "
              f"{ms['data']} x fsdp {ms['fsdp']} x tensor {ms['tensor']}; compute {h['dtype']}, storage "
-             f"{h['param_dtype']}, remat {h['remat']}; sampler chunk {p['sampler_shape']['rows']} rows x "
-             f"({p['sampler_shape']['prompt']} + {p['sampler_shape']['new']}) slots. `jaxsr plan --compile` exit "
+             f"{h['param_dtype']}, remat {h['remat']}; sampler on its decode layout data {dm['data']} x tensor "
+             f"{dm['tensor']} (kv heads x{p['kv_repeat']}), chunk {p['sampler_shape']['rows']} rows x "
+             f"({p['sampler_shape']['prompt']} + {p['sampler_shape']['new']}) slots. `jaxsr plan --compile`{only} exit "
              f"code {p['exit_code']} ({'fits' if p['fits'] else 'DOES NOT FIT'}), {p['wall_seconds']:.0f} s in all.",
              "",
              "| program | XLA: arguments + outputs - aliased + temporaries (GiB) | + held outside (GiB) | total (GiB) "
@@ -82,35 +84,41 @@ def table(p: dict) -> str:
         if q is None:
             continue
         err = "-" if q["hand_bytes"] is None else f"{(q['hand_bytes'] - q['total_bytes']) / q['total_bytes']:+.0%}"
-        compile_s = "with prefill" if name == "decode" else f"{q['compile_seconds']:.0f}"
         lines.append(f"| {name} | {_gib(q['program_bytes'])} | {_gib(q['held_outside'])} | {_gib(q['total_bytes'])} "
-                     f"| {'yes' if q['fits'] else '**no**'} | {_gib(q['hand_bytes'])} | {err} | {compile_s} |")
+                     f"| {'yes' if q['fits'] else '**no**'} | {_gib(q['hand_bytes'])} | {err} | "
+                     f"{q['compile_seconds']:.0f} |")
     d, dec = p["programs"].get("dpo_step", {}), p["programs"].get("decode")
     lines.append("")
     if "cost_all_layers" in d:
-        c = d["cost_all_layers"]
-        per_chip = d["model_flops"] / p["devices"] / p["peak_flops"]  # seconds at peak
+        c, n = d["cost_all_layers"], p["devices"]
+        calls = ", ".join(f"{k} x{v}" for k, v in c["custom_calls"].items()) or "none"
+        lines.append(f"- DPO step FLOPs per chip (XLA's, from 1- and 2-layer variants without windowed einsums, "
+                     f"extrapolated; loops left: {c['while_loops']}; custom calls it does not cost: {calls}): "
+                     f"**{c['flops'] / 1e12:.1f} TFLOP**; jaxsr's step counted by hand (causal blocks, remat "
+                     f"{h['remat']}): {d['executed_flops'] / n / 1e12:.1f} (XLA / hand "
+                     f"{c['flops'] * n / d['executed_flops']:.2f}); model FLOPs (6 N tokens + attention): "
+                     f"{d['model_flops'] / n / 1e12:.1f} (XLA / model {c['flops'] * n / d['model_flops']:.2f})")
         if d["mfu_estimate"] is None:
-            lines.append(f"- DPO step, estimated model-FLOPs utilisation from XLA's time: n/a (XLA gave "
-                         f"{c['optimal_seconds']:.0f} s: it cannot cost some ops, about -1 s each)")
+            lines.append(f"- DPO step MFU from XLA's time: n/a (XLA gave {c['optimal_seconds']:.0f} s: a negative "
+                         f"time means it could not cost some ops, such as the custom calls above)")
         else:
-            lines.append(f"- DPO step, estimated model-FLOPs utilisation from XLA's time: **{d['mfu_estimate']:.1%}** "
-                         f"= {d['model_flops'] / 1e12:.1f} model TFLOP / {p['devices']} chips / "
-                         f"{c['optimal_seconds'] * 1e3:.0f} ms / {p['peak_flops'] / 1e12:.0f} TFLOP/s")
-        roof = max(per_chip, c["flops"] / p["peak_flops"], c["bytes_accessed"] / HBM_BANDWIDTH[p["chip"]])
-        lines.append(f"- DPO step, model-FLOPs utilisation at a roofline of XLA's numbers (an upper bound: the longest "
-                     f"of the model's or XLA's FLOPs at peak and XLA's bytes accessed at "
-                     f"{HBM_BANDWIDTH[p['chip']] / 1e9:.0f} GB/s HBM; no communication): **{per_chip / roof:.1%}** = "
-                     f"{d['model_flops'] / 1e12:.1f} model TFLOP / {p['devices']} chips / {roof * 1e3:.0f} ms "
-                     f"(XLA: {c['flops'] / 1e12:.1f} TFLOP, {c['bytes_accessed'] / 1e9:.0f} GB per chip, i.e. "
-                     f"{c['flops'] * p['devices'] / d['model_flops']:.2f}x the model FLOPs)")
+            lines.append(f"- DPO step MFU from XLA's time: **{d['mfu_estimate']:.1%}** = {d['model_flops'] / 1e12:.1f} "
+                         f"model TFLOP / {n} chips / {c['optimal_seconds'] * 1e3:.0f} ms / "
+                         f"{p['peak_flops'] / 1e12:.0f} TFLOP/s")
+        lines.append(f"- DPO step MFU at a roofline (an upper bound: the longest of the model's or XLA's FLOPs at "
+                     f"peak and the HBM traffic, {c['hbm_bytes'] / 1e9:.0f} GB per chip (XLA's bytes accessed, every "
+                     f"memory: {c['bytes_accessed'] / 1e9:.0f} GB), at {p['hbm_bandwidth'] / 1e9:.0f} GB/s; no "
+                     f"communication): **{d['mfu_roofline_bound']:.1%}**")
     if dec is not None:
         coll = dec["loop_collectives"]
-        lines.append(f"- decode step: {dec['bytes_accessed'] / GiB:.2f} GiB accessed per device vs weights "
-                     f"{dec['weights_bytes'] / GiB:.2f} + KV cache {dec['kv_cache_bytes'] / GiB:.2f} GiB: "
-                     f"**{dec['bytes_per_step_ratio']:.2f}x**; collectives in the loop body: "
-                     + ", ".join(f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in coll.items()
-                                 if k != "while_loops" and v["count"]))
+        lines.append(f"- decode step per chip: weights {dec['weights_bytes'] / GiB:.2f} + KV cache "
+                     f"{dec['kv_cache_bytes'] / GiB:.2f} GiB; HBM reads {dec['hbm_read_bytes'] / GiB:.2f} GiB "
+                     f"(**{dec['hbm_read_ratio']:.2f}x**), reads + writes {dec['hbm_traffic_ratio']:.2f}x; XLA's bytes "
+                     f"accessed {dec['xla_bytes_ratio']:.2f}x; collectives in the loop body: "
+                     + ", ".join(f"{k} {coll[k]['count']} ({coll[k]['bytes'] / 2**20:.1f} MiB)" for k in
+                                 ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+                                 if coll[k]["count"])
+                     + f"; weight-sized all-gathers: {dec['weight_sized_all_gathers']}")
     return "\n".join(lines) + "\n"
 
 
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json-dir", type=Path, help="keep each config's `jaxsr plan --compile --json` output here")
     ap.add_argument("--from-json", type=Path, help="render the JSON files of a --json-dir instead of compiling")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per config (default 3600)")
+    ap.add_argument("--programs", help="compile only these programs (jaxsr plan --programs), e.g. decode")
     args = ap.parse_args(argv)
     if args.from_json:
         plans = [json.loads(f.read_text()) for f in sorted(args.from_json.glob("*.json"))]
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
         plans = []
         for config in args.configs or accelerator_configs():
             print(f"compiling {config} ...", file=sys.stderr, flush=True)
-            plans.append(compile_one(config.resolve(), args.json_dir, args.timeout))
+            plans.append(compile_one(config.resolve(), args.json_dir, args.timeout, args.programs))
             print(f"  {plans[-1].get('wall_seconds', 0):.0f} s {plans[-1].get('error', '')}", file=sys.stderr)
     print(header(plans))
     print("\n".join(table(p) for p in plans))

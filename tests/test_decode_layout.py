@@ -184,3 +184,18 @@ def test_a_decode_tensor_size_that_does_not_fit_names_why():
         decode_tensor_size(8, 12, 12, 48, tensor=3)
     with pytest.raises(ShardingError, match="num_kv_heads=3"):
         decode_tensor_size(8, 12, 3, 48, tensor=2)
+
+
+def test_the_tensor_cap_is_one_processs_devices():
+    """Tensor parallelism stays within a process's devices when the mesh spans several (a pod's hosts; also the
+    abstract devices of a TPU topology that jaxsr plan --compile builds: 4 chips per host)."""
+    from types import SimpleNamespace
+
+    from jaxsr.decode_layout import decode_sizes, process_devices
+
+    pod = [SimpleNamespace(process_index=i // 4) for i in range(64)]
+    assert process_devices(pod) == 4 and process_devices(pod[:4]) == 4 and process_devices(jax.devices()) == 8
+    llama70 = dataclasses.replace(CFG, num_heads=64, num_kv_heads=8, intermediate_size=28672)
+    assert decode_sizes(llama70, 64, local_devices=4) == {"data": 16, "fsdp": 1, "tensor": 4}
+    assert decode_sizes(llama70, 64, local_devices=8) == {"data": 8, "fsdp": 1, "tensor": 8}
+    assert decode_sizes(llama70, 64, 8, local_devices=4)["tensor"] == 8  # a given size is only checked

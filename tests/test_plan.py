@@ -86,12 +86,59 @@ def test_plan_memory_hand_calculation():
     assert two["rows_per_device"]["dpo"] == 2
     assert two["bytes"]["dpo_activations"] == 2 * 32 * (2 * b * 64 + every)
     assert two["bytes"]["dpo_logits"] == 2 * 2 * 32 * 100 * 4 // 2
-    # KV: 8 rows / 4 = 2 rows per device; slots = bucket(32) + bucket(16), fine = 48; kv heads 2 / tensor 2.
-    assert p["kv_slots"] == 48
-    assert bt["kv_cache"] == 2 * 2 * 2 * 48 * 1 * 16 * b == 24576
     train = bt["params"] + bt["optimizer"] + bt["gradients"] + bt["gathered_weights"]
     assert p["peaks"]["dpo"] == train + bt["dpo_activations"] + bt["dpo_logits"]
     assert p["fits"] and p["usable_bytes"] == int(16 * 2**30 * plan.USABLE_FRACTION)
+
+
+# The sampler's decode layout of TINY on 8 v5e chips (4 per host): tensor 4 (the largest <= 4 dividing the 8
+# devices, 4 heads and the MLP width 128; kv heads 2 repeated twice), data 2; no FSDP. Worked out by hand:
+DECODE_ELEMENTS = {
+    "embed": (100 // 4) * 64, "lm_head": 64 * (100 // 4),      # vocabulary over tensor (4 divides 100)
+    "final_norm": 64, "attn_norm": 2 * 64, "mlp_norm": 2 * 64,  # replicated
+    "wq": 2 * 64 * (4 // 4) * 16,                               # 1024
+    "wk": 2 * 64 * (2 * 2 // 4) * 16, "wv": 2 * 64 * (2 * 2 // 4) * 16,  # 4 kv heads (repeated) over 4
+    "wo": 2 * (4 // 4) * 16 * 64,
+    "w_gate": 2 * 64 * (128 // 4), "w_up": 2 * 64 * (128 // 4), "w_down": 2 * (128 // 4) * 64,
+    "bq": 2 * 4 * 16, "bk": 2 * 4 * 16, "bv": 2 * 4 * 16,       # replicated (bk, bv: 4 kv heads)
+}
+
+
+def test_sampling_counts_the_decode_layouts_copy_of_the_weights():
+    p = plan.plan_memory(TINY, tiny_run(), devices=8, accelerator="tpu-v5e")
+    b, bt = 4, p["bytes"]  # float32 compute
+    assert p["decode_mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert sum(DECODE_ELEMENTS.values()) == 24384
+    assert bt["decode_params"] == 24384 * b
+    # While it is made: the cast copy, kv heads already repeated, on the training layout (fsdp 4 x tensor 2): the
+    # training elements with wk, wv, bk and bv doubled.
+    assert bt["decode_prepared"] == (11392 + 2 * 512 + 2 * 64) * b
+    # KV: 8 rows over data 2 = 4 rows per device; slots = bucket(32) + bucket(16), fine = 48; 4 kv heads / tensor 4.
+    assert p["kv_slots"] == 48 and p["rows_per_device"]["sample"] == 4
+    assert bt["kv_cache"] == 2 * 2 * 4 * 48 * 1 * 16 * b == 49152
+    assert bt["sample_logits"] == 4 * 100 * 4 // 4  # float32, vocabulary over tensor
+    held = bt["params"] + bt["compute_params"]
+    assert p["peaks"]["sample"] == held + 24384 * b + 49152 + 400  # no FSDP gather: the decode copy instead
+    assert p["peaks"]["to_decode"] == held + (11392 + 2 * 512 + 2 * 64) * b + 24384 * b
+    # On one host of 8 (a GPU host, or --devices with a non-TPU accelerator) nothing changes here: tensor 4 is the
+    # most 4 heads allow. A decode_tensor that does not fit names why.
+    assert plan.plan_memory(TINY, tiny_run(), devices=8, accelerator="h100")["decode_mesh"]["tensor"] == 4
+    assert plan.plan_memory(TINY, tiny_run("sample.decode_tensor=2"), devices=8,
+                            accelerator="tpu-v5e")["decode_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ShardingError, match="decode tensor size 8 does not fit"):
+        plan.plan_memory(TINY, tiny_run("sample.decode_tensor=8"), devices=8, accelerator="tpu-v5e")
+
+
+def test_paper_70b_samples_tensor_parallel_within_a_host():
+    """Llama-2-70B on v5p-128 (64 chips, 4 per host): tensor 4, data 16; bfloat16 weights split 4 ways."""
+    run = load_config(PAPER)
+    model, _ = plan.resolve_model(run)
+    p = plan.plan_memory(model, run, devices=64, accelerator="tpu-v5p")
+    assert p["decode_mesh"] == {"data": 16, "fsdp": 1, "tensor": 4}
+    norms = 80 * 2 * 8192 + 8192  # replicated; every matrix (vocabulary 32000 too) splits 4 ways, 8 kv heads 2 per chip
+    assert p["bytes"]["decode_params"] == 2 * ((model.num_params - norms) // 4 + norms)
+    # 256 rows over 16 replicas; 2048 + 1024 slots; 2 kv heads of 128 per chip.
+    assert p["bytes"]["kv_cache"] == 2 * 80 * 16 * 3072 * 2 * 128 * 2 == 4_026_531_840
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_adam_state():
@@ -103,8 +150,9 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_adam_state():
     assert bt["compute_params"] == elems * 2 == 22784  # the bfloat16 copy sampling and reference log-probs use
     assert bt["reference"] == elems * 4  # on_the_fly: the starting policy's own (float32) parameters
     assert bt["gathered_weights"] == 4 * (2 * 37120 + 100 * 64) // 2 == 161280  # gathered in the storage dtype
-    assert bt["kv_cache"] == 2 * 2 * 2 * 48 * 1 * 16 * 2 == 12288  # the cache is in the compute dtype
-    assert p["peaks"]["sample"] == 45568 + 22784 + 161280 + 12288 + bt["sample_logits"]
+    assert bt["kv_cache"] == 2 * 2 * 4 * 48 * 1 * 16 * 2 == 24576  # the cache is in the compute dtype
+    assert bt["decode_params"] == 24384 * 2  # so is the decode copy (DECODE_ELEMENTS)
+    assert p["peaks"]["sample"] == 45568 + 22784 + 24384 * 2 + 24576 + bt["sample_logits"]
     assert p["peaks"]["dpo"] == (45568 + 22784 + 161280 + 91136 + bt["gradients"] + bt["reference"]
                                  + bt["dpo_activations"] + bt["dpo_logits"])
 
@@ -260,19 +308,22 @@ def test_fixed_generator_and_selection_judge_are_counted(tmp_path):
     p0 = plan.plan_memory(TINY, base, devices=8, accelerator="tpu-v5e")
     p = plan.plan_memory(TINY, with_both, devices=8, accelerator="tpu-v5e")
     elems, bt, b = 11392, p["bytes"], 2  # bfloat16 compute
+    decode, prepared = 24384 * b, (11392 + 2 * 512 + 2 * 64) * b  # DECODE_ELEMENTS; the cast copy on the training layout
     assert "prompts" not in p0["peaks"] and "selection" not in p0["peaks"]
-    assert bt["generator_params"] == elems * b == bt["selection_judge_params"] == bt["selection_checkpoint"]
-    assert bt["generator_gathered_weights"] == b * (2 * 37120 + 100 * 64) // 2
-    assert bt["generator_kv_cache"] == bt["kv_cache"]  # the same architecture, rows and slots
-    assert p["peaks"]["prompts"] == (bt["generator_params"] + bt["generator_gathered_weights"] + bt["generator_kv_cache"]
-                                     + bt["generator_logits"])
+    assert bt["generator_params"] == elems * b == bt["selection_judge_params"]
+    assert bt["generator_decode_params"] == bt["selection_judge_decode_params"] == bt["selection_checkpoint"] == decode
+    assert bt["generator_kv_cache"] == bt["kv_cache"] == 24576  # the same architecture, rows and slots
+    # The generator alone: its weights, its decode copy, then the cast copy while that is made or KV + logits.
+    assert p["peaks"]["prompts"] == elems * b + decode + max(prepared, 24576 + bt["generator_logits"])
+    # Selection beside the training state: the judge's weights stay; one decode copy at a time (the checkpoint's,
+    # then the judge's), each with its cast copy while made or its KV cache and logits.
     train = bt["params"] + bt["compute_params"] + bt["gathered_weights"] + bt["optimizer"] + bt["gradients"]
-    assert p["peaks"]["selection"] == (train + elems * b + elems * b + bt["generator_gathered_weights"]
-                                       + bt["kv_cache"] + bt["sample_logits"])
-    # M_t as the selection judge: no second model, only the checkpoint under test.
+    assert prepared > 24576 + bt["sample_logits"]  # here the cast copy is the larger
+    assert p["peaks"]["selection"] == train + elems * b + decode + prepared
+    # M_t as the selection judge: no second model's weights.
     own = plan.plan_memory(TINY, tiny_run("model.dtype=bfloat16", "dpo.eval_every=10"), devices=8, accelerator="tpu-v5e")
     assert own["bytes"]["selection_judge_params"] == 0
-    assert own["peaks"]["selection"] == train + elems * b + bt["kv_cache"] + bt["sample_logits"]
+    assert own["peaks"]["selection"] == train + decode + prepared
     assert "prompt generator" in plan.format_plan(p, "test") and "selection: judge" in plan.format_plan(p, "test")
     with pytest.raises(ValueError, match="prompts.generator='nobody/unknown-model' is neither"):
         plan.plan_memory(TINY, tiny_run("prompts.generator=nobody/unknown-model"), devices=8, accelerator="tpu-v5e")

@@ -47,36 +47,6 @@ def test_topology_names():
         plan_compile.parse_topology("h100-8")
 
 
-def test_collectives_inside_the_while_body_are_counted():
-    hlo = """HloModule m
-
-%fused (p: bf16[4,8]) -> bf16[8,8] {
-  %p = bf16[4,8]{1,0} parameter(0)
-  ROOT %ag = bf16[8,8]{1,0} all-gather(%p), dimensions={0}
-}
-
-%body (s: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
-  %f = bf16[8,8]{1,0} fusion(%x), kind=kCustom, calls=%fused
-  %ars = (f32[16]{0}, f32[16]{0}) all-reduce-start(%y), to_apply=%add
-  %ard = f32[16]{0} all-reduce-done(%ars)
-}
-
-%cond (s: (s32[], bf16[4,8])) -> pred[] {
-  ROOT %lt = pred[] compare(%a, %b), direction=LT
-}
-
-ENTRY %main (a: bf16[4,8]) -> bf16[4,8] {
-  %before = bf16[8,8]{1,0} all-gather(%a), dimensions={0}
-  %w = (s32[], bf16[4,8]) while(%t), condition=%cond, body=%body
-}
-"""
-    c = plan_compile.loop_collectives(hlo)
-    assert c["while_loops"] == 1
-    assert c["all-gather"] == {"count": 1, "bytes": 8 * 8 * 2}  # the one in the loop's fusion, not the one before
-    assert c["all-reduce"] == {"count": 1, "bytes": 16 * 4}
-    assert c["reduce-scatter"]["count"] == 0
-
-
 def test_compile_without_libtpu_says_how_to_install_it(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
@@ -101,6 +71,24 @@ def test_compile_takes_the_configs_topology_unless_given(monkeypatch, capsys):
     assert "--compile needs --topology or mesh.topology" in capsys.readouterr().err
 
 
+def test_programs_option_compiles_only_the_named_programs(monkeypatch, capsys):
+    with pytest.raises(ValueError, match="unknown program.*decoder; choose from sft_step"):
+        plan_compile.compile_plan(None, None, "v5e:2x2", programs=("decoder",))
+    seen = []
+
+    def fake(model_cfg, run_cfg, topology, **kw):
+        seen.append(kw["programs"])
+        raise plan_compile.CompileUnavailable("stop here")
+
+    monkeypatch.setattr(plan_compile, "compile_plan", fake)
+    assert cli_main(["plan", "--compile", "--topology", "v5e:2x2", "--programs", "decode, reshard,decode"] + SMALL) == 2
+    assert cli_main(["plan", "--compile", "--topology", "v5e:2x2"] + SMALL) == 2
+    assert seen == [("decode", "reshard"), plan_compile.PROGRAMS]
+    capsys.readouterr()
+    assert cli_main(["plan", "--programs", "decode"] + SMALL) == 2
+    assert "--programs goes with --compile" in capsys.readouterr().err
+
+
 def test_the_iterations_programs_compile_on_this_hosts_devices():
     """No libtpu needed: the same program builders compiled for the 8 CPU devices (tests/conftest.py), so a change
     to the sampler's or the trainer's signatures fails here and not only where libtpu is installed."""
@@ -111,8 +99,23 @@ def test_the_iterations_programs_compile_on_this_hosts_devices():
     assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     assert set(p["programs"]) == set(plan_compile.PROGRAMS)
     assert all(q["total_bytes"] > 0 for q in p["programs"].values())
-    assert p["programs"]["decode"]["loop_collectives"]["while_loops"] >= 1
+    # The sampler's programs run on the decode layout Policy.for_decode picks on these devices: tensor 4 (the 4
+    # heads; 2 kv heads repeated twice), data 2.
+    assert p["decode_mesh"] == {"data": 2, "fsdp": 1, "tensor": 4} and p["kv_repeat"] == 2
+    dec = p["programs"]["decode"]
+    assert dec["loop_collectives"]["while_loops"] >= 1 and dec["weight_sized_all_gathers"] == 0
     assert p["programs"]["dpo_step"]["cost_all_layers"]["flops"] > 0
+
+
+def decode_weights_by_hand(m, tensor: int, nbytes: int) -> int:
+    """Per-device bytes of the decode layout's weights of a Llama-shaped model (no biases): every matrix split over
+    `tensor` (kv heads repeated up to it, the vocabulary when it divides), norm scales whole."""
+    K = max(m.num_kv_heads, tensor)
+    per_layer = (m.hidden_size * (m.num_heads + 2 * K) * m.head_dim + m.num_heads * m.head_dim * m.hidden_size
+                 + 3 * m.hidden_size * m.intermediate_size) // tensor + 2 * m.hidden_size
+    vocab = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    vocab //= tensor if m.vocab_size % tensor == 0 else 1
+    return nbytes * (m.num_layers * per_layer + vocab + m.hidden_size)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +139,47 @@ def test_tiny_model_compiles_for_v5e_2x2_and_the_hand_plan_is_near(one_slice):
     ratios = {n: q["hand_bytes"] / q["total_bytes"] for n, q in p["programs"].items() if q["hand_bytes"]}
     print("hand / compiled", ratios)
     assert all(BAND[0] < r < BAND[1] for r in ratios.values()), ratios
+
+
+@needs_libtpu
+def test_the_decode_program_is_the_decode_layouts(one_slice):
+    """The sampler's programs are compiled on the layout the run reshards to: tensor-parallel, no FSDP, so the
+    decode loop all-gathers no weight; its bytes per step are set against that layout's per-device weights."""
+    p, run = one_slice, load_config(None, SMALL)
+    m = resolve_model(run)[0]
+    assert p["decode_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4} and p["kv_repeat"] == 2
     dec = p["programs"]["decode"]
-    assert dec["loop_collectives"]["while_loops"] >= 1 and dec["bytes_accessed"] > 0
-    d = p["programs"]["dpo_step"]
-    assert d["cost_all_layers"]["flops"] > d["flops"] and 0 < d["mfu_estimate"] < 1
+    loop = dec["loop_collectives"]
+    assert loop["while_loops"] >= 1 and dec["bytes_accessed"] > 0
+    # No all-gather in the loop body makes a weight: the largest it makes is far below the smallest matrix.
+    smallest = min(m.hidden_size * m.num_kv_heads * m.head_dim, m.hidden_size * m.intermediate_size)
+    assert dec["weight_sized_all_gathers"] == 0 and max(loop["all_gathers"], default=0) < smallest
+    # The tensor-parallel matmuls end in all-reduces of activations: at least two per layer.
+    assert loop["all-reduce"]["count"] >= 2 * m.num_layers
+    # float32 (the default compute dtype): weights split 4 ways; KV: 16 rows x 80 slots x (4 kv heads / 4) x E.
+    assert dec["weights_bytes"] == decode_weights_by_hand(m, 4, 4) == p["hand"]["bytes"]["decode_params"]
+    assert dec["kv_cache_bytes"] == 2 * m.num_layers * 16 * (64 + 16) * 1 * m.head_dim * 4
+    w_kv = dec["weights_bytes"] + dec["kv_cache_bytes"]
+    assert dec["hbm_read_ratio"] == dec["hbm_read_bytes"] / w_kv and dec["xla_bytes_ratio"] == dec["bytes_accessed"] / w_kv
+    assert 0 < dec["hbm_read_bytes"] <= dec["bytes_accessed"]
+    # The reshard takes the cast copy on the training layout and returns the decode copy: both live at once (XLA
+    # pads the small norm scales to its (8, 128) tiles: a few hundred bytes more).
+    r, cast = p["programs"]["reshard"], p["programs"]["decode_cast"]
+    assert abs(r["memory"]["argument"] - cast["memory"]["output"]) < 0.01 * cast["memory"]["output"]
+    assert dec["weights_bytes"] <= r["memory"]["output"] < 1.01 * dec["weights_bytes"]
+
+
+@needs_libtpu
+def test_the_dpo_steps_flops_count_every_layer_and_loop(one_slice):
+    d = one_slice["programs"]["dpo_step"]
+    c = d["cost_all_layers"]
+    assert c["while_loops"] == 0  # the cost variants have no loop whose body XLA would count once
+    assert c["flops"] > d["flops"] and 0 < d["mfu_estimate"] < 1 and 0 < d["mfu_roofline_bound"] <= 1
+    assert 0 < c["hbm_bytes"] <= c["bytes_accessed"]
+    # XLA's FLOPs against jaxsr's step counted by hand (causal blocks, remat=full recomputes the forward).
+    ratio = c["flops"] * one_slice["devices"] / d["executed_flops"]
+    print("XLA / hand-counted executed FLOPs", ratio)
+    assert 0.9 < ratio < 1.2, ratio
 
 
 @needs_libtpu
@@ -155,16 +195,24 @@ def test_a_program_that_does_not_fit_exits_3_naming_it(one_slice, monkeypatch, c
 
 @needs_libtpu
 def test_two_slices_put_data_parallelism_across_slices():
+    from jaxsr.decode_layout import decode_target
     from jaxsr.model.sharding import make_mesh
 
     run = load_config(None, SMALL)
+    m = resolve_model(run)[0]
     devices = plan_compile.abstract_devices(plan_compile.parse_topology("2xv5e:2x2"))
     mesh = make_mesh(2, 2, 2, devices=devices)
     slices = [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)]
     assert slices == [{0}, {1}]  # each data index is one slice: fsdp and tensor never cross the slices' network
-    p = plan_compile.compile_plan(resolve_model(run)[0], run, "2xv5e:2x2", devices=devices,
-                                  programs=("dpo_step", "decode"), derived=False)
+    d_mesh = decode_target(m, mesh.devices.flat)[0]
+    assert dict(d_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert [{d.slice_index for d in d_mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]  # so does decoding
+    p = plan_compile.compile_plan(m, run, "2xv5e:2x2", devices=devices, programs=("dpo_step", "reshard", "decode"),
+                                  derived=False)
     assert p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and p["fits"]
+    assert p["decode_mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
     ratios = {n: q["hand_bytes"] / q["total_bytes"] for n, q in p["programs"].items()}
     print("hand / compiled", ratios)
     assert all(BAND[0] < r < BAND[1] for r in ratios.values()), ratios
+    dec = p["programs"]["decode"]
+    assert dec["weight_sized_all_gathers"] == 0 and dec["weights_bytes"] == decode_weights_by_hand(m, 4, 4)

@@ -14,7 +14,7 @@ from .common import load
 def cmd_plan(args) -> int:
     run_cfg = load(args)
     model_cfg, source = resolve_model(run_cfg)
-    if args.compile or args.topology:
+    if args.compile or args.topology or args.programs:
         return _compile(args, run_cfg, model_cfg, source)
     topology = run_cfg.mesh.topology
     if topology and not (args.accelerator or args.devices):  # the slice the config is sized for
@@ -39,8 +39,9 @@ def cmd_plan(args) -> int:
 
 
 def _compile(args, run_cfg, model_cfg, source) -> int:
-    if args.topology and not args.compile:
-        raise ValueError("--topology goes with --compile: jaxsr plan --compile --topology v5p-128")
+    for flag, value in (("--topology", args.topology), ("--programs", args.programs)):
+        if value and not args.compile:
+            raise ValueError(f"{flag} goes with --compile: jaxsr plan --compile {flag} {value}")
     topology = args.topology or run_cfg.mesh.topology
     if not topology:
         raise ValueError("--compile needs --topology or mesh.topology: the TPU slice to compile for (v5e-N, v5p-N, "
@@ -48,16 +49,17 @@ def _compile(args, run_cfg, model_cfg, source) -> int:
     if args.accelerator or args.devices:
         raise ValueError("--compile's topology names the chips and their number; leave out --accelerator and --devices")
     from .. import distributed
-    from ..plan_compile import CompileUnavailable, compile_plan, format_compile_plan, parse_topology
+    from ..plan_compile import PROGRAMS, CompileUnavailable, compile_plan, format_compile_plan, parse_topology
 
     parse_topology(topology)  # a bad name fails before libtpu loads
+    programs = tuple(dict.fromkeys(x.strip() for x in args.programs.split(",") if x.strip())) if args.programs else PROGRAMS
     if not distributed.tpu_chips_attached():
         import jax
 
         # Abstract TPU devices need no TPU backend; without this, JAX would probe libtpu for one (error lines).
         jax.config.update("jax_platforms", "cpu")
     try:
-        p = compile_plan(model_cfg, run_cfg, topology)
+        p = compile_plan(model_cfg, run_cfg, topology, programs=programs)
     except CompileUnavailable as e:
         print(f"jaxsr plan: error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +83,8 @@ def add_parsers(sub, add_config_args) -> None:
                                                           "(default mesh.topology; needs libtpu: pip install jaxsr[tpu])")
     p.add_argument("--topology", help="TPU slice for --compile (default: the config's mesh.topology): v5e-8, v5p-128, "
                                       "v6e-16, v5e:2x2, 2xv5p-64 (2 slices)")
+    p.add_argument("--programs", help="with --compile: compile only these programs, comma-separated (default all: "
+                                      "sft_step,dpo_step,reference,decode_cast,reshard,prefill,decode)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_config_args(p)
     p.set_defaults(fn=cmd_plan)
