@@ -16,7 +16,6 @@ prompts of iteration t are drawn as they were without it.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -24,6 +23,7 @@ import datasets
 from . import artifacts
 from .chat import chat_token_ids
 from .config import ConfigValueError
+from .eft import _histogram, rebalance
 from .judge import render_judge_prompt
 from .selfreward import SHARD_PROMPTS, held_out_instructions, judge_template
 from .stages import Context, Stage, map_rows, write_rows
@@ -76,17 +76,14 @@ def _eft_answers(ctx: Context) -> dict:
     map_rows(out / "answers", prompts, answer, chunk=SHARD_PROMPTS, rows_per_item=sec.num_samples,
              desc="EFT answers (baseline)", unit="prompt", features=ANSWER_FEATURES)
     answers = artifacts.read_dataset(out / "answers").to_list()
-    from .eft import rebalance
-
     keep = rebalance([r["score"] for r in answers], random.Random(seed)) if cfg.eft.rebalance else range(len(answers))
     template = judge_template(ctx)
     rows = [{"prompt": render_judge_prompt(template, answers[i]["instruction"], answers[i]["candidate"]),
              "response": answers[i]["judgement"], "score": answers[i]["score"]} for i in keep]
     write_rows(out / "eft", rows)
-    hist = lambda scores: dict(sorted(Counter(int(round(s)) for s in scores).items()))  # noqa: E731
     stats = {"stage": "eft_answers", "prompts": len(prompts), "answers": len(answers), "eft": len(rows),
-             "scores_before_rebalance": hist(r["score"] for r in answers),
-             "scores_after_rebalance": hist(r["score"] for r in rows)}
+             "scores_before_rebalance": _histogram(r["score"] for r in answers),
+             "scores_after_rebalance": _histogram(r["score"] for r in rows)}
     artifacts.write_json_atomic(out / "stats.json", stats)
     return stats
 
