@@ -54,7 +54,12 @@ class SamplingBackend(Protocol):
 
 class JaxsrBackend:
     """The built-in sampler: `jaxsr.sample.generate` and `jaxsr.judge_scores.digit_masses` on the policy itself.
-    prepare and release do nothing: the policy keeps its own decode copy (`Policy.for_decode` / `release_decode`)."""
+    prepare and release do nothing: the policy keeps its own decode copy (`Policy.for_decode` / `release_decode`).
+    share_prefixes: `generate`'s (`sample.share_prefixes`). It also returns `Completion.after_stop_probs` when
+    asked (the expected judge's digit probabilities from the sampling pass)."""
+
+    def __init__(self, share_prefixes: bool = True):
+        self.share_prefixes = share_prefixes
 
     def prepare(self, policy: Policy) -> None:
         pass
@@ -63,7 +68,7 @@ class JaxsrBackend:
         pass
 
     def generate(self, policy: Policy, prompt_ids, **kw) -> list[list[Completion]]:
-        return generate(policy, prompt_ids, **kw)
+        return generate(policy, prompt_ids, share_prefixes=self.share_prefixes, **kw)
 
     def digit_masses(self, policy: Policy, ids_BxT: np.ndarray, mask_BxT: np.ndarray) -> np.ndarray:
         return digit_masses(policy, ids_BxT, mask_BxT)
@@ -75,6 +80,11 @@ class Backend:
     def __init__(self, impl: SamplingBackend, spec: str = BUILTIN):
         self.impl, self.spec = impl, spec
         self._held: weakref.ref | None = None  # weak: the run frees a model by dropping it (Context.release_models)
+
+    @property
+    def captures_after_stop(self) -> bool:
+        """Whether `generate` can return `Completion.after_stop_probs` (the built-in sampler)."""
+        return isinstance(self.impl, JaxsrBackend)
 
     @property
     def digit_masses_available(self) -> bool:
@@ -96,8 +106,10 @@ class Backend:
     def generate(self, policy: Policy, prompt_ids: Sequence[Sequence[int]], *, num_samples: int = 1,
                  max_new_tokens: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, stop: str | None = None,
-                 truncate_prompts: bool = False) -> list[list[Completion]]:
-        """`num_samples` completions of each prompt (token-id lists), as `jaxsr.sample.generate` returns them."""
+                 truncate_prompts: bool = False, after_stop_probs: Sequence[Sequence[int]] | None = None
+                 ) -> list[list[Completion]]:
+        """`num_samples` completions of each prompt (token-id lists), as `jaxsr.sample.generate` returns them.
+        `after_stop_probs`: asked of the built-in sampler only; an external engine's completions carry None."""
         bad = next((i for i, p in enumerate(prompt_ids) if isinstance(p, (str, bytes))), None)
         if bad is not None:
             raise ValueError(f"prompt {bad} is a string; sampling backends take token-id lists (tokenise it with "
@@ -105,9 +117,10 @@ class Backend:
         if len(prompt_ids) == 0:
             return []
         self._hold(policy)
+        extra = {"after_stop_probs": after_stop_probs} if after_stop_probs and self.captures_after_stop else {}
         out = self.impl.generate(policy, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                 max_batch_rows=max_batch_rows, stop=stop, truncate_prompts=truncate_prompts)
+                                 max_batch_rows=max_batch_rows, stop=stop, truncate_prompts=truncate_prompts, **extra)
         if len(out) != len(prompt_ids) or any(len(row) != num_samples for row in out):
             shape = [len(row) for row in out][:8]
             raise ValueError(f"sample.backend={self.spec!r} returned {len(out)} lists of completions {shape} for "
@@ -163,8 +176,11 @@ def check_expected_judge(spec: str, key: str = "sample.backend") -> None:
             f"class with a digit_masses method); use {key}={BUILTIN} or judge.mode=sampled")
 
 
-def load(spec: str = BUILTIN, key: str = "sample.backend") -> Backend:
-    """A new `Backend` for `spec` (the factory is called once: an external engine starts here)."""
+def load(spec: str = BUILTIN, key: str = "sample.backend", share_prefixes: bool = True) -> Backend:
+    """A new `Backend` for `spec` (the factory is called once: an external engine starts here).
+    share_prefixes: the built-in sampler's (`sample.share_prefixes`)."""
+    if backend_spec(key, spec) is None:
+        return Backend(JaxsrBackend(share_prefixes), spec)
     impl = resolve(spec, key)()
     missing = [m for m in _METHODS if not callable(getattr(impl, m, None))]
     if missing:
@@ -176,7 +192,7 @@ def load(spec: str = BUILTIN, key: str = "sample.backend") -> Backend:
 
 def from_config(cfg) -> Backend:
     """The backend `cfg.sample.backend` selects, new (a run keeps one: `Context.backend()`)."""
-    return load(cfg.sample.backend)
+    return load(cfg.sample.backend, share_prefixes=cfg.sample.share_prefixes)
 
 
 def builtin() -> Backend:

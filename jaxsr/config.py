@@ -223,6 +223,10 @@ class SampleSection:
         (the built-in one) or "module:factory", an importable callable returning a SamplingBackend (an external
         engine given M_t as a Hugging Face directory). Only the built-in one guarantees that a row depends on
         (seed, prompt, sample index) alone; judge.mode=expected needs a backend that gives digit probabilities.
+      share_prefixes: the built-in sampler prefills each distinct prompt once for all its rows (a prompt's N
+        samples, an answer's K judgements) and a prefix every prompt of a call starts with (the judge's rubric)
+        once per call (docs/sampling.md#shared-prefixes); false: every row prefills its whole prompt. The same
+        completions either way, up to float rounding.
     """
 
     num_samples: int = 4
@@ -233,6 +237,7 @@ class SampleSection:
     max_batch_rows: int = 256
     decode_tensor: Optional[int] = None
     backend: str = "jaxsr"
+    share_prefixes: bool = True
 
     def __post_init__(self):
         _positive("sample.num_samples", self.num_samples)

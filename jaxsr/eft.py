@@ -25,7 +25,8 @@ import numpy as np
 from . import artifacts
 from .judge import render_judge_prompt
 from .oasst import in_eval_split
-from .selfreward import SHARD_PROMPTS, judge, judge_request_ids, judge_template
+from .judging import judge, judge_request_ids
+from .selfreward import SHARD_PROMPTS, judge_template
 from .stages import Context, Stage, map_rows, write_rows
 
 JUDGEMENT_FEATURES = datasets.Features({

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts, distributed, evaluate, selfreward
+from . import artifacts, distributed, evaluate, judging, selfreward
 from .eft import EFT_BUILD, EFT_JUDGE
 from .eft_answers import EFT_ANSWERS, eft_rows
 from .metareward import JUDGE_PAIRS, judge_pairs_for
@@ -185,10 +185,10 @@ def evaluate_policy(policy: Policy, ctx: Context, t: int) -> dict:
         reqs, owners = [], []
         for i, r in enumerate(rows):
             for j, cand in enumerate(cands[i]):
-                reqs.append(selfreward.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
+                reqs.append(judging.judge_request_ids(policy, template, r.get("instruction") or r["prompt"], cand,
                                                          cfg.judge.max_new_tokens)[0])
                 owners.append((i, j))
-        verdicts = selfreward.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"),
+        verdicts = judging.judge(policy, reqs, cfg.judge, seed=stage_seed(cfg.seed, t, "eval"),
                                     max_batch_rows=cfg.sample.max_batch_rows, backend=backend)
         model_scores = [[None] * len(c) for c in cands]
         failures = total = 0

@@ -28,10 +28,11 @@ from .data import bucket
 from .model.sharding import batch_multiple
 from .next_token import sampling_mode
 from .policy import Policy
-from .sampler import EOS_SLOTS, Knobs, programs, run_chunk
+from .sampler import EOS_SLOTS, Knobs, batch_multiple_of, make_prefix, prefill_rows, programs, run_chunk
 from .stop import stop_table
 
 DEFAULT_MAX_BATCH_ROWS = 256
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are prefilled with each prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Completion:
       finish_reason: "eos" (an EOS id was sampled), "stop" (the stop condition was met; its last token is kept)
         or "length" (max_new_tokens were generated).
       prompt_tokens: how many prompt tokens the model saw (after truncation, if any).
+      after_stop_probs: with `generate(..., after_stop_probs=groups)`, when the row ended on its stop condition:
+        each group's probability (summed over its token ids) for the token after the stop, under the model's
+        unmodified distribution, from the same pass that sampled it; else None.
     """
 
     token_ids: list[int]
@@ -53,6 +57,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     prompt_tokens: int
+    after_stop_probs: list[float] | None = None
 
 
 
@@ -148,7 +153,8 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
              truncate_prompts: bool = False, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
              concurrency: int | None = None, progress: bool = True, stats: dict | None = None,
-             length_hints: Sequence[float] | None = None, stop: str | None = None) -> list[list[Completion]]:
+             length_hints: Sequence[float] | None = None, stop: str | None = None, share_prefixes: bool = True,
+             after_stop_probs: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
     """Samples `num_samples` completions for each prompt; returns one list per prompt.
 
     prompts: strings (tokenised with `tokenizer(text)["input_ids"]`, the tokenizer's default special tokens)
@@ -161,9 +167,16 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     max_new_tokens: one budget for every prompt, or one per prompt.
     stop: a stop condition of `jaxsr.stop` ("score": the judge's "Score: d"; "score_marker": "score:"), checked
     on the device after every token; a row that meets it ends with finish_reason "stop".
+    share_prefixes: prefill each distinct prompt of a chunk once for all its rows (its samples), and a prefix
+    every prompt of the call starts with (at least 16 tokens, e.g. the judge's rubric) once per call; off: every
+    row prefills its whole prompt (the same completions, up to float rounding across batch shapes).
+    after_stop_probs: groups of token ids (e.g. the score digits' spellings); a row that ends on `stop` gets each
+    group's probability for the next token in `Completion.after_stop_probs` (needs `stop`).
     stats: a dict to receive `"chunks"`, one dict per chunk in the order the rows were chunked: real `rows`,
-    padded `batch`, `prompt_bucket`, `decode_steps` (iterations of its decode loop) and `longest_row` (tokens
-    its longest real row sampled, EOS included).
+    padded `batch`, `prompt_bucket`, `decode_steps` (iterations of its decode loop), `longest_row` (tokens
+    its longest real row sampled, EOS included), `prefill_rows` (padded rows its prefill ran) and
+    `prefill_tokens` (real prompt tokens it prefilled); and `"prefix_tokens"`: the shared prefix's tokens,
+    prefilled once for the call (0: none).
 
     With several processes every process must call it with the same arguments: each feeds its devices their
     rows of every chunk and gets back all completions.
@@ -196,9 +209,24 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     multiple = batch_multiple(model.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
+    # A prefix every prompt shares (the judge's rubric and the chat header before it) is prefilled once and
+    # each prompt keeps only its remainder. Not with a sliding window: the remainders sit after a gap of
+    # padding slots, and the window counts slots.
+    if after_stop_probs is not None and stop is None:
+        raise ValueError("after_stop_probs needs a stop condition (stop=...): it is read after the stop token")
+    capture = None if after_stop_probs is None else tuple(tuple(int(t) for t in g) for g in after_stop_probs)
+    prefix = None
+    full_ids = ids
+    if share_prefixes and (cfg.sliding_window is None or cfg.sliding_window >= cfg.max_position_embeddings):
+        n = _common_prefix(ids)
+        if n >= MIN_SHARED_PREFIX:
+            prefix = make_prefix(model, ids[0][:n], pad_id)
+            ids = [p[n:] for p in ids]
+
     # Length-aware chunks: rows sorted by expected new tokens, then prompt length (longest first), so a chunk
     # does not wait for one long row and its prompt bucket is tight; results do not depend on which rows share
     # a chunk. At least `concurrency` chunks of equal size (equal shapes: one compilation), at most `cap` rows.
+    # A prompt's samples stay next to each other (the sort is stable), so a chunk prefills each prompt once.
     expected = budgets if length_hints is None else _hints(length_hints, len(ids))
     rows = sorted(((i, j) for i in range(len(ids)) for j in range(num_samples)),
                   key=lambda r: (-expected[r[0]], -len(ids[r[0]])))
@@ -208,13 +236,15 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         concurrency = 1
     size = -(-len(rows) // max(-(-len(rows) // cap), min(concurrency, len(rows))))
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
-    shapes = [_chunk_shape(ids, chunk, multiple, cap) for chunk in chunks]
+    groups = batch_multiple_of(model.mesh, model.rules)
+    shapes = [_chunk_shape(ids, chunk, multiple, cap, groups, share_prefixes) for chunk in chunks]
     run = functools.partial(run_chunk, model, ids, budgets, new_bucket=new_bucket, mode=mode, knobs=knobs,
-                            seed_key_2=seed_key_2)
-    for B, P in sorted(set(shapes)):
+                            seed_key_2=seed_key_2, prefix=prefix, capture=capture)
+    C = 0 if prefix is None else prefix.slots
+    for B, P, Bp in sorted(set(shapes)):
         programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket, len(eos_E),
-                 stop_VxS.shape, model.attention)  # compile here, once
-    results: dict[tuple[int, int], tuple[list[int], list[float], bool]] = {}
+                 stop_VxS.shape, model.attention, None if Bp == B else Bp, C, capture)  # compile here, once
+    results: dict[tuple[int, int], tuple[list[int], list[float], str, list[float] | None]] = {}
     steps: dict[int, int] = {}
     bar = None
     if progress and len(chunks) > concurrency:
@@ -225,20 +255,26 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         for future in concurrent.futures.as_completed(futures):
             out, steps[futures[future]] = future.result()
             results.update(out)
-            generated += sum(len(t) for t, _, _ in out.values())
+            generated += sum(len(r[0]) for r in out.values())
             if bar is not None:
                 bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
                 bar.update(1)
     if bar is not None:
         bar.close()
     if stats is not None:
-        stats["chunks"] = [{"rows": len(chunk), "batch": B, "prompt_bucket": P, "decode_steps": steps[k],
-                            "longest_row": max(len(results[r][0]) + (results[r][2] == "eos") for r in chunk)}
-                           for k, (chunk, (B, P)) in enumerate(zip(chunks, shapes))]
+        stats["prefix_tokens"] = 0 if prefix is None else prefix.length
+        stats["chunks"] = []
+        for k, (chunk, (B, P, Bp)) in enumerate(zip(chunks, shapes)):
+            prefilled = ([i for block in prefill_rows(chunk, B, groups) for i in block] if Bp < B
+                         else [i for i, _ in chunk])
+            stats["chunks"].append({
+                "rows": len(chunk), "batch": B, "prompt_bucket": P, "decode_steps": steps[k],
+                "longest_row": max(len(results[r][0]) + (results[r][2] == "eos") for r in chunk),
+                "prefill_rows": Bp, "prefill_tokens": sum(len(ids[i]) for i in prefilled)})
 
     order = [(i, j) for i in range(len(ids)) for j in range(num_samples)]
     texts = _decode_texts(policy.tokenizer, [results[r][0] for r in order])
-    completions = [Completion(results[r][0], text, results[r][1], results[r][2], len(ids[r[0]]))
+    completions = [Completion(results[r][0], text, results[r][1], results[r][2], len(full_ids[r[0]]), results[r][3])
                    for r, text in zip(order, texts)]
     return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
 
@@ -254,8 +290,31 @@ def _default_concurrency(mesh) -> int:
     return max(1, min(cores // mesh.devices.size, 8))
 
 
-def _chunk_shape(ids, chunk, multiple: int, cap: int) -> tuple[int, int]:
-    return _batch_bucket(len(chunk), multiple, cap), bucket(max(len(ids[i]) for i, _ in chunk), fine=True)
+def _chunk_shape(ids, chunk, multiple: int, cap: int, groups: int, share: bool) -> tuple[int, int, int]:
+    """(batch, prompt bucket, prefill batch) of a chunk: the prefill batch holds each data shard's distinct
+    prompts (`prefill_rows`) when that is fewer rows than the batch, else it is the batch (nothing shared)."""
+    B = _batch_bucket(len(chunk), multiple, cap)
+    P = bucket(max(len(ids[i]) for i, _ in chunk), fine=True)
+    Bp = B
+    if share:
+        distinct = max(len(block) for block in prefill_rows(chunk, B, groups))
+        Bp = min(B, _batch_bucket(distinct * groups, groups, B))
+    return B, P, Bp
+
+
+def _common_prefix(ids: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least its last token (whose logits the prefill needs);
+    0 for fewer than two distinct prompts (their samples share a prefill anyway)."""
+    distinct = {tuple(p) for p in ids}
+    if len(distinct) < 2:
+        return 0
+    first, n = ids[0], min(len(p) for p in ids) - 1
+    for p in ids[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def _decode_texts(tokenizer: Any, token_ids: list[list[int]]) -> list[str]:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import distributed
+from .data import bucket
 from .model import decoder
 from .model.config import ModelConfig
 from .model.sharding import ShardingRules, batch_sharding, replicated
@@ -52,6 +53,7 @@ class _State(NamedTuple):
     stop_state_B: jax.Array  # int32, the stop automaton's state after the tokens so far
     stopped_B: jax.Array  # bool, finished by the stop condition
     max_new_B: jax.Array  # int32, the row's max_new_tokens
+    captured_BxG: jax.Array  # float32, see `_decode_fn`'s `capture` ([B, 0] without it)
     step: jax.Array  # int32 scalar, tokens sampled so far
 
 
@@ -87,42 +89,124 @@ def _knob_shardings(mesh):
     return Knobs(*([replicated(mesh)] * len(Knobs._fields)))
 
 
-@functools.lru_cache(maxsize=64)
-def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int, attention: str = "xla"):
-    """Jitted prefill: the prompts' keys and values in a fresh cache of P + new_bucket slots, and the logits
-    of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
+def _repeat_rows(x, rows: int):
+    """[m, ...] -> [rows, ...], row r a copy of row r // (rows / m): with rows over `data` in m contiguous
+    blocks, every device copies the row it already holds (no communication)."""
+    return jnp.repeat(x, rows // x.shape[0], axis=0)
 
-    Shardings: per-layer parameters (`DecodeModel.params`) by `rules` (the decode layout: tensor-parallel, no
-    FSDP); prompts, logits and the cache's rows over the batch axes; the cache's kv heads over tensor. Donates
-    nothing: its inputs are small host arrays and the parameters.
-    """
 
-    def prefill(params, ids_BxP, mask_BxP):
-        B, P = ids_BxP.shape
-        cache = decoder.KVCache.zeros(cfg, B, P + new_bucket, DTYPES[dtype])
-        valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
-        h_BxPxD, cache = decoder.hidden_states(params, cfg, ids_BxP, decoder.positions_from_mask(mask_BxP), valid_BxS,
-                                               cache=cache._replace(valid_BxS=valid_BxS), cache_index=0,
-                                               dtype=DTYPES[dtype], mesh=mesh, rules=rules, attention=attention)
-        # Left padding puts every row's last prompt token in the last column: only it needs logits.
-        return cache, decoder.lm_head(params, cfg, h_BxPxD[:, -1:], DTYPES[dtype])[:, 0]
+def _local_take(x, src_B, groups: int):
+    """Rows `src_B` of `x`, where rows and sources come in `groups` contiguous blocks (one per data shard) and
+    each source indexes its own block: a gather that never crosses a device."""
+    Bp, B = x.shape[0], src_B.shape[0]
+    xg = x.reshape(groups, Bp // groups, *x.shape[1:])
+    out = jax.vmap(lambda a, i: a[i])(xg, src_B.reshape(groups, B // groups))
+    return out.reshape(B, *x.shape[1:])
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, attention: str = "xla"):
+    """Jitted prefill of a prefix shared by every prompt of a call (the judge's rubric): its keys and values,
+    computed once. Rows: one copy per data shard (`batch_multiple` rows, all the same prefix), so each replica
+    holds the prefix its rows read (`_repeat_rows`)."""
+
+    def prefix(params, ids_MxC, mask_MxC):
+        M, C = ids_MxC.shape
+        cache = decoder.KVCache.zeros(cfg, M, C, DTYPES[dtype])
+        _, cache = decoder.hidden_states(params, cfg, ids_MxC, decoder.positions_from_mask(mask_MxC), mask_MxC,
+                                         cache=cache._replace(valid_BxS=mask_MxC), cache_index=0,
+                                         dtype=DTYPES[dtype], mesh=mesh, rules=rules, attention=attention)
+        return cache
 
     b2 = batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
-    return jax.jit(prefill, in_shardings=(layer_param_shardings(cfg, mesh, rules), b2, b2),
-                   out_shardings=(decoder.KVCache(layers, layers, b2), b2))
+    return jax.jit(prefix, in_shardings=(layer_param_shardings(cfg, mesh, rules), b2, b2),
+                   out_shardings=decoder.KVCache(layers, layers, b2))
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, prompt_bucket: int):
+def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bucket: int, attention: str = "xla",
+                batch: int | None = None, prefix_bucket: int = 0):
+    """Jitted prefill: the prompts' keys and values in a fresh cache of (prefix) + P + new_bucket slots, and the
+    logits of each row's next token. No sampling here, so the sampler is compiled once (in `_decode_fn`).
+
+    Shared prefixes: the prefill runs on the chunk's distinct prompts (Bp rows) and `src_B` copies each into
+    the rows that sample from it (`batch` rows: a prompt's N samples, an answer's K judgements), so a prompt is
+    prefilled once however many rows it has; `batch` None = the prefill's rows are the decode's. A prefix shared
+    by the whole call (`prefix_bucket` > 0 slots, from `_prefix_fn`) is copied in front of every row and the
+    prompts' remainders attend to it: computed once per call, not once per row.
+
+    Shardings: per-layer parameters (`DecodeModel.params`) by `rules` (the decode layout: tensor-parallel, no
+    FSDP); prompts, logits and the cache's rows over the batch axes; the cache's kv heads over tensor. Donates
+    nothing: its inputs are small host arrays, the parameters and the call's prefix.
+    """
+    C = prefix_bucket
+
+    def prefill(params, prefix, ids_BxP, mask_BxP, src_B):
+        B, P = ids_BxP.shape
+        act = DTYPES[dtype]
+        if C:
+            pre_valid_BxC = _repeat_rows(prefix.valid_BxS, B)
+            valid_BxS = jnp.concatenate([pre_valid_BxC, mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
+            zk = jnp.zeros((B, cfg.num_kv_heads, cfg.head_dim, P + new_bucket), act)
+            zv = jnp.zeros((B, cfg.num_kv_heads, P + new_bucket, cfg.head_dim), act)
+            cache = decoder.KVCache(tuple(jnp.concatenate([_repeat_rows(k, B), zk], axis=3) for k in prefix.k_BxKxExS),
+                                    tuple(jnp.concatenate([_repeat_rows(v, B), zv], axis=2) for v in prefix.v_BxKxSxE),
+                                    valid_BxS)
+            positions_BxP = decoder.positions_from_mask(jnp.concatenate([pre_valid_BxC, mask_BxP], axis=1))[:, C:]
+        else:
+            valid_BxS = jnp.concatenate([mask_BxP, jnp.zeros((B, new_bucket), bool)], axis=1)
+            cache = decoder.KVCache.zeros(cfg, B, P + new_bucket, act)._replace(valid_BxS=valid_BxS)
+            positions_BxP = decoder.positions_from_mask(mask_BxP)
+        h_BxPxD, cache = decoder.hidden_states(params, cfg, ids_BxP, positions_BxP, valid_BxS, cache=cache,
+                                               cache_index=C, dtype=act, mesh=mesh, rules=rules, attention=attention)
+        # Left padding puts every row's last prompt token in the last column: only it needs logits.
+        logits_BxV = decoder.lm_head(params, cfg, h_BxPxD[:, -1:], act)[:, 0]
+        if batch is not None and batch != B:
+            take = functools.partial(_local_take, src_B=src_B, groups=batch_multiple_of(mesh, rules))
+            cache = jax.tree.map(take, cache)
+            logits_BxV = take(logits_BxV)
+        return cache, logits_BxV
+
+    b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
+    layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
+    prefix_sh = decoder.KVCache(layers, layers, b2) if C else None
+    return jax.jit(prefill, in_shardings=(layer_param_shardings(cfg, mesh, rules), prefix_sh, b2, b2, b1),
+                   out_shardings=(decoder.KVCache(layers, layers, b2), b2))
+
+
+def batch_multiple_of(mesh, rules: ShardingRules) -> int:
+    """How many devices the rows are split over under `rules` (the decode layout: `data`)."""
+    axes = rules.batch if isinstance(rules.batch, tuple) else (rules.batch,)
+    n = 1
+    for a in axes:
+        if a is not None:
+            n *= mesh.shape[a]
+    return n
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, prompt_bucket: int,
+               capture: tuple[tuple[int, ...], ...] | None = None):
     """Jitted decode: per-row random streams, then one `lax.while_loop` of (sample, feed) until every row is
-    done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, iterations of the loop) and the spent
-    (cache, logits).
+    done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, captured_BxG, iterations of the loop)
+    and the spent (cache, logits).
+
+    `capture`: G groups of token ids (the expected judge's score digits 0-5 and their spellings): when a row
+    meets the stop condition, the probability of each group at the next position (the logits the same pass
+    computes after the stop token, under the model's unmodified distribution) is kept in `captured_BxG`, so
+    nothing runs a second forward over the request for them.
 
     Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row flags and
     indices and the outputs over the batch axes; the seed key and knobs replicated. Donates the cache and logits:
     the loop carries them in the donated buffers and updates the cache in place, one slot per step.
     """
+
+    if capture:
+        width = max(len(ids) for ids in capture)
+        # [G, W] token ids and 0/1 weights; a group with fewer spellings reads token 0 with weight 0.
+        ids_GxW = np.array([list(ids) + [0] * (width - len(ids)) for ids in capture], np.int32)
+        w_GxW = np.array([[1.0] * len(ids) + [0.0] * (width - len(ids)) for ids in capture], np.float32)
 
     def decode(params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B, seed_key_2,
                knobs: Knobs):
@@ -139,7 +223,8 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
                        # Padding rows are done from the start: the loop ends when the real rows end.
                        length_B=jnp.zeros((B,), jnp.int32), done_B=~live_B,
                        eos_B=jnp.zeros((B,), bool), stop_state_B=jnp.zeros((B,), jnp.int32),
-                       stopped_B=jnp.zeros((B,), bool), max_new_B=max_new_B, step=jnp.int32(0))
+                       stopped_B=jnp.zeros((B,), bool), max_new_B=max_new_B,
+                       captured_BxG=jnp.zeros((B, len(capture or ())), jnp.float32), step=jnp.int32(0))
         def feed(s: _State) -> _State:
             slot = prompt_bucket + s.step - 1  # the slot of the token just sampled
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(s.cache.valid_BxS, jnp.ones((B, 1), bool), slot, axis=1)
@@ -151,18 +236,24 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
         def body(s: _State) -> _State:
             # The forward after the last token is wasted, but skipping it with a lax.cond makes XLA copy the
             # cache through the conditional every step (2x slower on CPU).
-            return feed(_record(s, knobs, mode))
+            r = _record(s, knobs, mode)
+            f = feed(r)
+            if capture:
+                # The row stopped on this step: the logits just computed are those after its stop token.
+                g_BxG = (jax.nn.softmax(f.logits_BxV, axis=-1)[:, ids_GxW] * w_GxW).sum(-1)
+                f = f._replace(captured_BxG=jnp.where((r.stopped_B & ~s.stopped_B)[:, None], g_BxG, f.captured_BxG))
+            return f
 
         s = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), body, state)
         # The cache and logits go back out only so their donated buffers alias the loop's (no copy in).
-        return (s.tokens_BxN, s.logprobs_BxN, s.length_B, s.eos_B, s.stopped_B, s.step), (s.cache, s.logits_BxV)
+        return (s.tokens_BxN, s.logprobs_BxN, s.length_B, s.eos_B, s.stopped_B, s.captured_BxG, s.step), (s.cache, s.logits_BxV)
 
     b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
     layers = (_cache_sharding(mesh, rules),) * cfg.num_layers
     return jax.jit(decode,
                    in_shardings=(layer_param_shardings(cfg, mesh, rules), decoder.KVCache(layers, layers, b2), b2, b2, b1, b1, b1, b1,
                                  replicated(mesh), _knob_shardings(mesh)),
-                   out_shardings=((b2, b2, b1, b1, b1, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
+                   out_shardings=((b2, b2, b1, b1, b1, b2, replicated(mesh)), (decoder.KVCache(layers, layers, b2), b2)), donate_argnums=(1, 2))
 
 
 def _abstract_params(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
@@ -174,19 +265,42 @@ def _abstract_params(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules):
 
 
 def prefill_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, batch: int, prompt_bucket: int,
-                    new_bucket: int, attention: str = "xla"):
+                    new_bucket: int, attention: str = "xla", prefill_batch: int | None = None, prefix_bucket: int = 0):
     """The compiled prefill of one chunk shape (see `programs`); `attention`: its attention path (decode steps take
-    the XLA path)."""
+    the XLA path). `prefill_batch`: the distinct prompts' rows (None: `batch`, nothing shared); `prefix_bucket`:
+    slots of the call's shared prefix in front of `prompt_bucket` (0: none)."""
+    Bp = batch if prefill_batch is None else prefill_batch
+    b1, b2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
+    sds = jax.ShapeDtypeStruct
+    ids = sds((Bp, prompt_bucket), jnp.int32, sharding=b2)
+    mask = sds((Bp, prompt_bucket), bool, sharding=b2)
+    prefix = None
+    if prefix_bucket:
+        M, K, E, C, L = batch_multiple_of(mesh, rules), cfg.num_kv_heads, cfg.head_dim, prefix_bucket, cfg.num_layers
+        kv = _cache_sharding(mesh, rules)
+        prefix = decoder.KVCache((sds((M, K, E, C), DTYPES[dtype], sharding=kv),) * L,
+                                 (sds((M, K, C, E), DTYPES[dtype], sharding=kv),) * L, sds((M, C), bool, sharding=b2))
+    return _prefill_fn(cfg, mesh, dtype, rules, new_bucket, attention, None if Bp == batch else batch,
+                       prefix_bucket).lower(_abstract_params(cfg, mesh, dtype, rules), prefix, ids, mask,
+                                            sds((batch,), jnp.int32, sharding=b1)).compile()
+
+
+@functools.lru_cache(maxsize=16)
+def prefix_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, prefix_bucket: int,
+                   attention: str = "xla"):
+    """The compiled prefill of a call's shared prefix (`_prefix_fn`) of `prefix_bucket` slots."""
     b2 = batch_sharding(mesh, 2, rules)
-    ids = jax.ShapeDtypeStruct((batch, prompt_bucket), jnp.int32, sharding=b2)
-    mask = jax.ShapeDtypeStruct((batch, prompt_bucket), bool, sharding=b2)
-    return _prefill_fn(cfg, mesh, dtype, rules, new_bucket, attention).lower(
-        _abstract_params(cfg, mesh, dtype, rules), ids, mask).compile()
+    shape = (batch_multiple_of(mesh, rules), prefix_bucket)
+    return _prefix_fn(cfg, mesh, dtype, rules, attention).lower(
+        _abstract_params(cfg, mesh, dtype, rules), jax.ShapeDtypeStruct(shape, jnp.int32, sharding=b2),
+        jax.ShapeDtypeStruct(shape, bool, sharding=b2)).compile()
 
 
 def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int,
-                   prompt_bucket: int, new_bucket: int, eos_slots: int, stop_shape: tuple[int, int]):
-    """The compiled decode of one chunk shape (see `programs`)."""
+                   prompt_bucket: int, new_bucket: int, eos_slots: int, stop_shape: tuple[int, int],
+                   capture: tuple | None = None):
+    """The compiled decode of one chunk shape (see `programs`); `prompt_bucket`: every slot before the new
+    tokens (a shared prefix's included)."""
     B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
     sds = jax.ShapeDtypeStruct
     b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
@@ -199,7 +313,7 @@ def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mod
                   sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep),
                   sds(stop_shape, jnp.int32, sharding=rep))
     row_i32 = sds((B,), jnp.int32, sharding=b1)
-    return _decode_fn(cfg, mesh, dtype, rules, mode, P).lower(
+    return _decode_fn(cfg, mesh, dtype, rules, mode, P, capture).lower(
         _abstract_params(cfg, mesh, dtype, rules), cache, sds((B, V), jnp.float32, sharding=b2),
         sds((B, P), bool, sharding=b2), sds((B,), bool, sharding=b1), row_i32, row_i32, row_i32,
         sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
@@ -207,48 +321,111 @@ def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mod
 
 @functools.lru_cache(maxsize=64)
 def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int, prompt_bucket: int,
-             new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla"):
+             new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla",
+             prefill_batch: int | None = None, prefix_bucket: int = 0, capture: tuple | None = None):
     """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
-    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's."""
-    return (prefill_program(cfg, mesh, dtype, rules, batch, prompt_bucket, new_bucket, attention),
-            decode_program(cfg, mesh, dtype, rules, mode, batch, prompt_bucket, new_bucket, eos_slots, stop_shape))
+    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's;
+    `prefill_batch`, `prefix_bucket`: see `prefill_program`; `capture`: see `_decode_fn`."""
+    return (prefill_program(cfg, mesh, dtype, rules, batch, prompt_bucket, new_bucket, attention, prefill_batch,
+                            prefix_bucket),
+            decode_program(cfg, mesh, dtype, rules, mode, batch, prefix_bucket + prompt_bucket, new_bucket,
+                           eos_slots, stop_shape, capture))
 
 
-def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int], *, new_bucket, mode, knobs,
-              seed_key_2):
-    """Prefill + decode of one chunk of (prompt, sample) rows padded to `shape` = (batch, prompt bucket) on
-    `model`'s layout; `max_new[i]`: prompt i's max_new_tokens.
+def prefill_rows(chunk, batch: int, groups: int) -> list[list[int]]:
+    """The distinct prompts of each of the chunk's `groups` row blocks (one block of `batch / groups` rows per
+    data shard), in order of first appearance: the rows a shared prefill computes (`_prefill_fn`)."""
+    per = batch // groups
+    blocks: list[list[int]] = [[] for _ in range(groups)]
+    for r, (i, _) in enumerate(chunk):
+        if i not in blocks[r // per]:
+            blocks[r // per].append(i)
+    return blocks
 
-    Returns ({row: (token ids, logprobs, finish reason)}, the decode loop's iterations).
+
+class Prefix(NamedTuple):
+    """A prefix every prompt of a call starts with, prefilled once (`prefix_program`): its `length` tokens
+    left-padded into `slots`, `valid` [slots] on the host, `cache` on the device (one copy per data shard)."""
+
+    length: int
+    slots: int
+    valid: np.ndarray
+    cache: decoder.KVCache
+
+
+def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int, int], *, new_bucket, mode, knobs,
+              seed_key_2, prefix: Prefix | None = None, capture: tuple | None = None):
+    """Prefill + decode of one chunk of (prompt, sample) rows padded to `shape` = (batch, prompt bucket, prefill
+    batch) on `model`'s layout; `ids[i]`: prompt i (after the call's shared `prefix`, if any); `max_new[i]`: its
+    max_new_tokens. A prefill batch below `batch` prefills each distinct prompt once (`prefill_rows`).
+
+    Returns ({row: (token ids, logprobs, finish reason, captured group probabilities)}, the decode loop's
+    iterations).
     """
-    B, P = shape
-    ids_BxP = np.full((B, P), knobs.pad_id, np.int32)
-    mask_BxP = np.zeros((B, P), bool)
+    B, P, Bp = shape
+    groups = batch_multiple_of(model.mesh, model.rules)
+    C = 0 if prefix is None else prefix.slots
+    # The decode's rows: the prompt's mask behind the shared prefix's (positions count both).
+    mask_BxCP = np.zeros((B, C + P), bool)
     live_B = np.zeros((B,), bool)
     max_new_B = np.ones((B,), np.int32)
     prompt_idx_B = np.zeros((B,), np.int32)
     sample_idx_B = np.zeros((B,), np.int32)
-    for r, (i, j) in enumerate(chunk):
+    src_B = np.zeros((B,), np.int32)
+    if Bp < B:
+        blocks = prefill_rows(chunk, B, groups)
+        rows_of = [(d, blocks[d].index(i)) for d, i in ((r // (B // groups), i) for r, (i, _) in enumerate(chunk))]
+        prefill_prompts = [(d * (Bp // groups) + k, i) for d, block in enumerate(blocks) for k, i in enumerate(block)]
+    else:
+        rows_of = [(0, r) for r in range(len(chunk))]
+        prefill_prompts = [(r, i) for r, (i, _) in enumerate(chunk)]
+    ids_BpxP = np.full((Bp, P), knobs.pad_id, np.int32)
+    mask_BpxP = np.zeros((Bp, P), bool)
+    mask_BpxP[:, -1] = True  # padding rows get one real token so their (discarded) attention is well defined
+    for r, i in prefill_prompts:
         n = len(ids[i])
-        ids_BxP[r, P - n:] = ids[i]
-        mask_BxP[r, P - n:] = True
-        live_B[r], max_new_B[r], prompt_idx_B[r], sample_idx_B[r] = True, max_new[i], i, j
-    # Padding rows get one real token so their (discarded) attention is well defined.
-    mask_BxP[len(chunk):, -1] = True
+        ids_BpxP[r, :] = knobs.pad_id
+        ids_BpxP[r, P - n:] = ids[i]
+        mask_BpxP[r, :] = False
+        mask_BpxP[r, P - n:] = True
+    for r, ((i, j), (_, k)) in enumerate(zip(chunk, rows_of)):
+        n = len(ids[i])
+        mask_BxCP[r, C + P - n:] = True
+        live_B[r], max_new_B[r], prompt_idx_B[r], sample_idx_B[r], src_B[r] = True, max_new[i], i, j, k
+    mask_BxCP[len(chunk):, -1] = True
+    if prefix is not None:
+        mask_BxCP[:, :C] = prefix.valid
     prefill, decode = programs(model.config, model.mesh, model.dtype, model.rules, mode, B, P, new_bucket,
-                               len(knobs.eos_E), knobs.stop_VxS.shape, model.attention)
+                               len(knobs.eos_E), knobs.stop_VxS.shape, model.attention, None if Bp == B else Bp, C,
+                               capture)
     # Every process builds the same chunk; each device is given only its own rows (see jaxsr.distributed).
     b1, b2 = batch_sharding(model.mesh, 1, model.rules), batch_sharding(model.mesh, 2, model.rules)
     rep = replicated(model.mesh)
-    ids_BxP, mask_BxP = distributed.global_array(ids_BxP, b2), distributed.global_array(mask_BxP, b2)
-    live_B, max_new_B, prompt_idx_B, sample_idx_B = (distributed.global_array(x, b1)
-                                                     for x in (live_B, max_new_B, prompt_idx_B, sample_idx_B))
+    ids_BpxP, mask_BpxP, mask_BxCP = (distributed.global_array(x, b2) for x in (ids_BpxP, mask_BpxP, mask_BxCP))
+    live_B, max_new_B, prompt_idx_B, sample_idx_B, src_B = (
+        distributed.global_array(x, b1) for x in (live_B, max_new_B, prompt_idx_B, sample_idx_B, src_B))
     knobs = Knobs(*(distributed.global_array(k, rep) for k in knobs))
-    cache, logits_BxV = prefill(model.params, ids_BxP, mask_BxP)
-    out, _ = decode(model.params, cache, logits_BxV, mask_BxP, live_B, max_new_B, prompt_idx_B, sample_idx_B,
+    cache, logits_BxV = prefill(model.params, None if prefix is None else prefix.cache, ids_BpxP, mask_BpxP, src_B)
+    out, _ = decode(model.params, cache, logits_BxV, mask_BxCP, live_B, max_new_B, prompt_idx_B, sample_idx_B,
                     distributed.global_array(seed_key_2, rep), knobs)
     # Batch-sharded across processes: gathered whole onto every process.
-    tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, steps = distributed.to_host(out)
+    tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, captured_BxG, steps = distributed.to_host(out)
     reasons = np.where(eos_B, "eos", np.where(stopped_B, "stop", "length"))
-    return ({row: (tokens_BxN[r, :length_B[r]].tolist(), logprobs_BxN[r, :length_B[r]].tolist(), str(reasons[r]))
+    return ({row: (tokens_BxN[r, :length_B[r]].tolist(), logprobs_BxN[r, :length_B[r]].tolist(), str(reasons[r]),
+                   captured_BxG[r].tolist() if capture and stopped_B[r] else None)
              for r, row in enumerate(chunk)}, int(steps))
+
+
+def make_prefix(model: DecodeModel, prefix_ids: list[int], pad_id: int) -> Prefix:
+    """Prefills `prefix_ids` once (one copy per data shard) for the chunks of a call to start from."""
+    L = len(prefix_ids)
+    C = bucket(L, fine=True)
+    M = batch_multiple_of(model.mesh, model.rules)
+    ids_MxC = np.full((M, C), pad_id, np.int32)
+    ids_MxC[:, C - L:] = prefix_ids
+    mask_MxC = np.zeros((M, C), bool)
+    mask_MxC[:, C - L:] = True
+    b2 = batch_sharding(model.mesh, 2, model.rules)
+    fn = prefix_program(model.config, model.mesh, model.dtype, model.rules, C, model.attention)
+    cache = fn(model.params, distributed.global_array(ids_MxC, b2), distributed.global_array(mask_MxC, b2))
+    return Prefix(L, C, mask_MxC[0], cache)

@@ -21,11 +21,11 @@ import numpy as np
 
 from . import artifacts, backends, distributed
 from .chat import chat_token_ids
-from .config import JaxsrConfig, JudgeSection
-from .judge import aggregate_scores, load_judge_template, parse_score, render_judge_prompt
+from .config import JaxsrConfig
+from .judge import aggregate_scores, load_judge_template
+from .judging import expected_scores, judge, judge_request_ids  # noqa: F401 (the judge stage's helpers)
 from .pairs import select_pair
 from .policy import Policy
-from .sample import DEFAULT_MAX_BATCH_ROWS
 from .selfinstruct import PromptFilter, build_fewshot_prompt, extract_instruction
 from .stages import Context, Stage, map_rows, stage_seed, write_rows
 
@@ -150,80 +150,6 @@ def generate_candidates(policy: Policy, prompts_dir, out_dir, cfg: JaxsrConfig, 
 
 
 # --- 3. judgements ---------------------------------------------------------------------------------------------
-
-def judge_request_ids(policy: Policy, template: str, instruction: str, response: str, max_new_tokens: int
-                      ) -> tuple[list[int], bool]:
-    """The chat-templated judge request, truncating the response (never the instruction) to fit the context."""
-    tok = policy.tokenizer
-    limit = policy.config.max_position_embeddings - max_new_tokens
-    ids = chat_token_ids(tok, [render_judge_prompt(template, instruction, response)])[0]
-    if len(ids) <= limit:
-        return ids, False
-    overhead = len(chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0])
-    resp_ids = tok(response, add_special_tokens=False)["input_ids"]
-    keep = limit - overhead
-    if keep <= 0:
-        raise ValueError(f"judge request for instruction {instruction[:60]!r} does not fit the context "
-                         f"({overhead} tokens without the response, limit {limit}); shorten judge.max_new_tokens")
-    # Token boundaries can shift after decoding, so shrink until the rendered request fits.
-    while keep > 0:
-        cut = tok.decode(resp_ids[:keep], skip_special_tokens=True)
-        ids = chat_token_ids(tok, [render_judge_prompt(template, instruction, cut)])[0]
-        if len(ids) <= limit:
-            return ids, True
-        keep -= max(1, len(ids) - limit)
-    return chat_token_ids(tok, [render_judge_prompt(template, instruction, "")])[0], True
-
-
-def expected_scores(policy: Policy, request_ids: Sequence[Sequence[int]], justifications: Sequence[str], *,
-                    backend: backends.Backend | None = None) -> list[tuple[float | None, list[float]]]:
-    """Probability-weighted mean of 0-5 for the token after "Score:" (the `expected` judge mode), batched.
-
-    Each row is request + justification cut after its last "Score:" (appended when missing); rows are
-    left-padded to a power-of-two length so the next-token distribution of every row is at the last position
-    and few shapes get compiled. `backend` gives the digit probabilities (default: the built-in one's).
-    """
-    tok = policy.tokenizer
-    ctx = policy.config.max_position_embeddings
-    rows = []
-    for req, text in zip(request_ids, justifications):
-        idx = text.lower().rfind("score:")
-        prefix = text[: idx + len("score:")] if idx >= 0 else text.rstrip() + "\nScore:"
-        rows.append((list(req) + tok(prefix, add_special_tokens=False)["input_ids"])[-ctx:])
-    if not rows:
-        return []
-    length = min(ctx, max(16, 1 << (max(len(r) for r in rows) - 1).bit_length()))
-    ids = np.full((len(rows), length), policy.pad_token_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = True
-    out = []
-    for mass_6 in (backends.builtin() if backend is None else backend).digit_masses(policy, ids, mask):
-        mass = [float(m) for m in mass_6]
-        total = sum(mass)
-        out.append((sum(k * m for k, m in enumerate(mass)) / total if total > 0 else None, mass))
-    return out
-
-
-def judge(policy: Policy, request_ids: Sequence[Sequence[int]], sec: JudgeSection, seed: int, *,
-          max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, backend: backends.Backend | None = None
-          ) -> list[list[tuple[str, float | None, list[float]]]]:
-    """M_t's judgements of each request: K sampled ones (`sampled`) or one with its expected score (`expected`),
-    as (text, score or None, digit probabilities 0-5 or []). max_batch_rows: rows per chunk of the sampler
-    (`sample.max_batch_rows`); backend: the sampler (default: the built-in one)."""
-    backend = backends.builtin() if backend is None else backend
-    k = sec.num_judgements if sec.mode == "sampled" else 1
-    # Stop where the score is read: after "Score: d" (sampled) or "score:" (expected, see expected_scores).
-    stop = ("score" if sec.mode == "sampled" else "score_marker") if sec.stop_at_score else None
-    outs = backend.generate(policy, request_ids, num_samples=k, max_new_tokens=sec.max_new_tokens,
-                            temperature=sec.temperature, top_p=sec.top_p, seed=seed, max_batch_rows=max_batch_rows,
-                            stop=stop)
-    if sec.mode == "expected":
-        expected = expected_scores(policy, request_ids, [o[0].text for o in outs], backend=backend)
-        return [[(o[0].text, score, mass)] for o, (score, mass) in zip(outs, expected)]
-    return [[(c.text, parse_score(c.text), []) for c in o] for o in outs]
-
 
 def judge_candidates(policy: Policy, candidates_dir, out_dir, cfg: JaxsrConfig, iteration: int, *,
                      template: str | None = None, limit: int | None = None,

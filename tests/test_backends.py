@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 import jaxsr
-from jaxsr import artifacts, backends, selfreward
+from jaxsr import artifacts, backends, judging, selfreward
 from jaxsr.chat import chat_token_ids
 from jaxsr.config import ConfigValueError, load_config
 from jaxsr.sample import Completion, generate
@@ -242,7 +242,7 @@ def test_the_expected_judge_needs_a_backend_with_digit_probabilities(policy, tmp
     # Called directly, past the config check: an error, never the built-in model's digits in its place.
     sec = config(tmp_path, "judge.mode=expected").judge
     with pytest.raises(ValueError, match="sample.backend='test_backends:make_recorder' gives none"):
-        selfreward.judge(policy, [[5, 6, 7]], sec, seed=0, backend=backends.load("test_backends:make_recorder"))
-    verdicts = selfreward.judge(policy, [[5, 6, 7]], sec, seed=0,
+        judging.judge(policy, [[5, 6, 7]], sec, seed=0, backend=backends.load("test_backends:make_recorder"))
+    verdicts = judging.judge(policy, [[5, 6, 7]], sec, seed=0,
                                 backend=backends.load("test_backends:RecorderWithDigits"))
     assert verdicts[0][0][1:] == (4.0, [0.0, 0.0, 0.0, 0.0, 1.0, 0.0])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxsr
-from jaxsr import judge_scores, selfreward
+from jaxsr import judge_scores, judging
 from jaxsr.chat import chat_token_ids
 from jaxsr.model.sharding import batch_multiple
 from jaxsr.world import load_tokenizer
@@ -50,7 +50,7 @@ def test_expected_scores_match_full_logits(policy):
     request_ids = chat_token_ids(policy.tokenizer, INSTRUCTIONS)
     assert len({len(r) for r in request_ids}) > 1
     ref_scores, ref_mass, _, _ = naive_expected_scores(policy, request_ids, JUSTIFICATIONS)
-    got = selfreward.expected_scores(policy, request_ids, JUSTIFICATIONS)
+    got = judging.expected_scores(policy, request_ids, JUSTIFICATIONS)
     assert len(got) == len(JUSTIFICATIONS)
     np.testing.assert_allclose(np.array([m for _, m in got]), ref_mass, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.array([s for s, _ in got]), ref_scores, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxsr
-from jaxsr import artifacts, backends, selfreward
+from jaxsr import artifacts, backends, judging, selfreward
 from jaxsr.config import load_config
 from jaxsr.sample import Completion
 
@@ -133,10 +133,10 @@ def test_prompts_stage_filters_rounds_and_resumes(policy, cfg, tmp_path, monkeyp
 def test_judge_truncates_response_not_instruction(policy, cfg):
     template = jaxsr.judge.load_judge_template(cfg.judge.template)
     long_response = "word " * 400
-    ids, truncated = selfreward.judge_request_ids(policy, template, "Say something.", long_response, 8)
+    ids, truncated = judging.judge_request_ids(policy, template, "Say something.", long_response, 8)
     assert truncated and len(ids) <= policy.config.max_position_embeddings - 8
     assert "Say something." in policy.tokenizer.decode(ids)
-    ids2, truncated2 = selfreward.judge_request_ids(policy, template, "Say something.", "ok", 8)
+    ids2, truncated2 = judging.judge_request_ids(policy, template, "Say something.", "ok", 8)
     assert not truncated2 and len(ids2) < len(ids)
 
 
@@ -304,7 +304,7 @@ def test_judge_stops_where_its_score_is_read(policy, cfg, monkeypatch, mode, sto
         return [[Completion([1], "yes.\nScore: 4", [0.0], "stop", 3)] * num_samples for _ in reqs]
 
     monkeypatch.setattr(backends, "generate", fake_generate)
-    verdicts = selfreward.judge(policy, [[5, 6, 7]], cfg.judge, seed=0)
+    verdicts = judging.judge(policy, [[5, 6, 7]], cfg.judge, seed=0)
     assert seen == [want] and len(verdicts[0]) == (2 if mode == "sampled" else 1)
     if mode == "sampled":
         assert [v[1] for v in verdicts[0]] == [4.0, 4.0]

@@ -1,0 +1,149 @@
+"""The sampling stages of one self-rewarding iteration: the shared-prefix sampler against the unshared one.
+
+Runs the candidates stage (`selfreward.generate_candidates`: N = 4 answers per prompt, T 0.7, top-p 0.9) and the
+judgements stage (`selfreward.judge_candidates`: K = 3 sampled judgements per answer) on random-weight Llamas of
+~1.5M and ~30M parameters with the world's tokenizer and chat template. The 30M model judges with the paper's
+template (jaxsr/templates/judge_paper.txt: ~990 tokens of rubric in this tokenizer, so prefill dominates the
+judge's work, as it does for real models); the 1.5M one with the world's short rubric. Both paths are the same
+code with `sample.share_prefixes` on ("new": each prompt prefilled once for its samples, the judge's rubric once
+per call) and off ("old": every row prefills its whole prompt, the sampler before shared prefixes). Random weights
+rarely write EOS or "Score: d", so rows run to their `max_new_tokens`: both paths decode the same tokens, and the
+ratio measures what sharing saves, not a shorter output. The judge stage of both paths grades the same candidates.
+
+Each path is warmed up once (compiling its shapes), then the paths alternate `--repeats` times in this process;
+each side reports its median. Rows/s: candidates (prompt x sample) or judgements (candidate x judgement) per
+second. The last lines are one JSON object per config and stage, with the machine, the commit and the 1-minute
+load average (numbers taken while other processes compete for the cores are not comparable).
+
+    python scripts/bench_selfreward.py                       # both configs
+    python scripts/bench_selfreward.py --configs llama-30M --prompts 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {
+    # ~1.5M parameters (with the world's 1,024-token vocabulary), the world's short rubric.
+    "llama-1.5M": dict(arch=dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                                 intermediate_size=512), template="env"),
+    # ~30M parameters, grouped-query attention 8:4, the paper's long rubric.
+    "llama-30M": dict(arch=dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                                intermediate_size=1536), template="paper"),
+}
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"commit": commit + ("+dirty" if dirty else ""), "machine": f"{platform.node()} ({os.cpu_count()} x {cpu})"}
+
+
+def bench_config(name: str, args, work: Path) -> list[dict]:
+    import jax
+
+    from jaxsr import backends
+    from jaxsr.config import load_config
+    from jaxsr.judge import load_judge_template
+    from jaxsr.model.config import ModelConfig
+    from jaxsr.policy import random_policy
+    from jaxsr.selfreward import generate_candidates, judge_candidates
+    from jaxsr.stages import write_rows
+    from jaxsr.world import load_tokenizer
+    from jaxsr.world.data import new_instructions
+
+    spec = CONFIGS[name]
+    tok = load_tokenizer()
+    mcfg = ModelConfig(model_type="llama", vocab_size=len(tok), max_position_embeddings=2048, **spec["arch"])
+    policy = random_policy(mcfg, seed=0, tokenizer=tok)
+    params = sum(x.size for x in jax.tree.leaves(policy.params))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides=[
+        f"sample.max_new_tokens={args.new_tokens}", f"judge.max_new_tokens={args.judge_tokens}",
+        f"judge.template={spec['template']}", "judge.num_judgements=3", "judge.mode=sampled",
+        "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9"])
+    template = load_judge_template(cfg.judge.template)
+    prompts_dir = work / name / "prompts"
+    rows = [{"prompt_id": i, "prompt": p} for i, p in enumerate(new_instructions(0, "bench", args.prompts, set()))]
+    write_rows(prompts_dir, rows)
+    log(f"{name}: {params / 1e6:.2f}M parameters, {len(rows)} prompts, judge template {cfg.judge.template!r} "
+        f"({len(tok(template)['input_ids'])} tokens)")
+
+    paths = {"new": backends.load(share_prefixes=True), "old": backends.load(share_prefixes=False)}
+    reference_candidates = work / name / "candidates_ref"
+    generate_candidates(policy, prompts_dir, reference_candidates, cfg, 1, backend=paths["new"])
+
+    def run(path: str, stage: str, k: int) -> float:
+        out = work / name / f"{stage}_{path}_{k}"
+        t = time.perf_counter()
+        if stage == "candidates":
+            generate_candidates(policy, prompts_dir, out, cfg, 1, backend=paths[path])
+        else:
+            judge_candidates(policy, reference_candidates, out, cfg, 1, template=template, backend=paths[path])
+        dt = time.perf_counter() - t
+        shutil.rmtree(out)
+        return dt
+
+    results = []
+    for stage, rows_per_run in (("candidates", len(rows) * 4), ("judge", len(rows) * 4 * 3)):
+        for path in paths:  # warm-up: compiles each path's shapes
+            log(f"  {stage} {path}: warm-up {run(path, stage, -1):.1f} s")
+        times = {p: [] for p in paths}
+        for k in range(args.repeats):
+            for path in (("new", "old") if k % 2 == 0 else ("old", "new")):
+                times[path].append(run(path, stage, k))
+                log(f"  {stage} {path}: {times[path][-1]:.2f} s")
+        new, old = (rows_per_run / statistics.median(times[p]) for p in ("new", "old"))
+        results.append({"model": name, "params": params, "stage": stage, "rows": rows_per_run,
+                        "new_rows_per_s": round(new, 2), "old_rows_per_s": round(old, 2),
+                        "speedup": round(new / old, 2)})
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--prompts", type=int, default=8, help="prompts (x4 candidates, x3 judgements each)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="sample.max_new_tokens of the candidates")
+    ap.add_argument("--judge-tokens", type=int, default=32, help="judge.max_new_tokens")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_selfreward_"))
+    try:
+        results = [r for name in args.configs for r in bench_config(name, args, work)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    extra = provenance() | {"load_1min": round(os.getloadavg()[0], 2), "prompts": args.prompts,
+                            "new_tokens": args.new_tokens, "judge_tokens": args.judge_tokens, "repeats": args.repeats}
+    for r in results:
+        print(json.dumps(r | extra))
+
+
+if __name__ == "__main__":
+    main()
