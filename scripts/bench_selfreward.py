@@ -4,11 +4,16 @@ Runs the candidates stage (`selfreward.generate_candidates`: N = 4 answers per p
 judgements stage (`selfreward.judge_candidates`: K = 3 sampled judgements per answer) on random-weight Llamas of
 ~1.5M and ~30M parameters with the world's tokenizer and chat template. The 30M model judges with the paper's
 template (jaxsr/templates/judge_paper.txt: ~990 tokens of rubric in this tokenizer, so prefill dominates the
-judge's work, as it does for real models); the 1.5M one with the world's short rubric. Both paths are the same
-code with `sample.share_prefixes` on ("new": each prompt prefilled once for its samples, the judge's rubric once
-per call) and off ("old": every row prefills its whole prompt, the sampler before shared prefixes). Random weights
-rarely write EOS or "Score: d", so rows run to their `max_new_tokens`: both paths decode the same tokens, and the
-ratio measures what sharing saves, not a shorter output. The judge stage of both paths grades the same candidates.
+judge's work, as it does for real models); the 1.5M one with the world's short rubric. "new" is this checkout's
+sampler. "old" (`--old`) is either
+  * `commit` (default): the stage functions of a pinned commit (`--old-commit`, default 5e3de46, where the sampler
+    issue was filed: decode on the training layout, padding rows never done, nothing shared), extracted with
+    `git archive` into a temporary package `jaxsr_old` and imported into this process beside jaxsr, with the
+    same weights (copied in) and the same config; or
+  * `flag`: this checkout with `sample.share_prefixes=false` (every row prefills its whole prompt).
+Random weights rarely write EOS or "Score: d", so rows run to their `max_new_tokens`: both paths decode the same
+number of tokens, and the ratio measures the sampler's work per row, not a shorter output (with trained weights
+the early stops add to the new path's lead). The judge stage of both paths grades the same candidates.
 
 Each path is warmed up once (compiling its shapes), then the paths alternate `--repeats` times in this process;
 each side reports its median. Rows/s: candidates (prompt x sample) or judgements (candidate x judgement) per
@@ -16,12 +21,13 @@ second. The last lines are one JSON object per config and stage, with the machin
 load average (numbers taken while other processes compete for the cores are not comparable).
 
     python scripts/bench_selfreward.py                       # both configs
-    python scripts/bench_selfreward.py --configs llama-30M --prompts 8 --repeats 2
+    python scripts/bench_selfreward.py --configs llama-30M --prompts 8 --repeats 2 --old flag
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -66,6 +72,22 @@ def provenance() -> dict:
     return {"commit": commit + ("+dirty" if dirty else ""), "machine": f"{platform.node()} ({os.cpu_count()} x {cpu})"}
 
 
+def old_package(commit: str, work: Path):
+    """The pinned commit's `jaxsr` package as `jaxsr_old` (its modules import each other relatively), with its
+    configs in work/old_configs."""
+    import importlib
+
+    if (work / "jaxsr_old").is_dir():
+        return importlib.import_module("jaxsr_old")
+    subprocess.run(f"git archive {commit} jaxsr configs | tar -x -C {work}", shell=True, cwd=REPO, check=True)
+    (work / "jaxsr").rename(work / "jaxsr_old")
+    (work / "configs").rename(work / "old_configs")
+    sys.path.insert(0, str(work))
+    for module in ("config", "policy", "model.config", "selfreward"):
+        importlib.import_module(f"jaxsr_old.{module}")
+    return importlib.import_module("jaxsr_old")
+
+
 def bench_config(name: str, args, work: Path) -> list[dict]:
     import jax
 
@@ -77,7 +99,7 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
     from jaxsr.selfreward import generate_candidates, judge_candidates
     from jaxsr.stages import write_rows
     from jaxsr.world import load_tokenizer
-    from jaxsr.world.data import new_instructions
+    from jaxsr.world.data import WORLD_JUDGE_TEMPLATE, new_instructions
 
     spec = CONFIGS[name]
     tok = load_tokenizer()
@@ -88,24 +110,54 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
         f"sample.max_new_tokens={args.new_tokens}", f"judge.max_new_tokens={args.judge_tokens}",
         f"judge.template={spec['template']}", "judge.num_judgements=3", "judge.mode=sampled",
         "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9"])
-    template = load_judge_template(cfg.judge.template)
+    template = WORLD_JUDGE_TEMPLATE if cfg.judge.template == "env" else load_judge_template(cfg.judge.template)
     prompts_dir = work / name / "prompts"
     rows = [{"prompt_id": i, "prompt": p} for i, p in enumerate(new_instructions(0, "bench", args.prompts, set()))]
     write_rows(prompts_dir, rows)
     log(f"{name}: {params / 1e6:.2f}M parameters, {len(rows)} prompts, judge template {cfg.judge.template!r} "
         f"({len(tok(template)['input_ids'])} tokens)")
 
-    paths = {"new": backends.load(share_prefixes=True), "old": backends.load(share_prefixes=False)}
+    new_backend = backends.load(share_prefixes=True)
     reference_candidates = work / name / "candidates_ref"
-    generate_candidates(policy, prompts_dir, reference_candidates, cfg, 1, backend=paths["new"])
+    generate_candidates(policy, prompts_dir, reference_candidates, cfg, 1, backend=new_backend)
+    template_path = work / name / "judge_template.txt"
+    template_path.write_text(template, encoding="utf-8")
+
+    def new_stage(backend):
+        def run(stage, out):
+            if stage == "candidates":
+                generate_candidates(policy, prompts_dir, out, cfg, 1, backend=backend)
+            else:
+                judge_candidates(policy, reference_candidates, out, cfg, 1, template=template, backend=backend)
+        return run
+
+    paths = {"new": new_stage(new_backend)}
+    if args.old == "flag":
+        paths["old"] = new_stage(backends.load(share_prefixes=False))
+    else:
+        oldpkg = old_package(args.old_commit, work)
+        ocfg = oldpkg.config.load_config(work / "old_configs" / "tiny.yaml", overrides=[
+            f"sample.max_new_tokens={args.new_tokens}", f"judge.max_new_tokens={args.judge_tokens}",
+            f"judge.template={template_path}", "judge.num_judgements=3", "judge.mode=sampled",
+            "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9"])
+        opolicy = oldpkg.policy.random_policy(oldpkg.model.config.ModelConfig(
+            model_type="llama", vocab_size=len(tok), max_position_embeddings=2048, **spec["arch"]), seed=0,
+            tokenizer=tok)
+        # The same weights on both sides.
+        assert jax.tree.structure(opolicy.params) == jax.tree.structure(policy.params)
+        opolicy = dataclasses.replace(opolicy, params=policy.params)
+
+        def run_old(stage, out):
+            if stage == "candidates":
+                oldpkg.selfreward.generate_candidates(opolicy, prompts_dir, out, ocfg, 1)
+            else:
+                oldpkg.selfreward.judge_candidates(opolicy, reference_candidates, out, ocfg, 1)
+        paths["old"] = run_old
 
     def run(path: str, stage: str, k: int) -> float:
         out = work / name / f"{stage}_{path}_{k}"
         t = time.perf_counter()
-        if stage == "candidates":
-            generate_candidates(policy, prompts_dir, out, cfg, 1, backend=paths[path])
-        else:
-            judge_candidates(policy, reference_candidates, out, cfg, 1, template=template, backend=paths[path])
+        paths[path](stage, out)
         dt = time.perf_counter() - t
         shutil.rmtree(out)
         return dt
@@ -121,6 +173,7 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
                 log(f"  {stage} {path}: {times[path][-1]:.2f} s")
         new, old = (rows_per_run / statistics.median(times[p]) for p in ("new", "old"))
         results.append({"model": name, "params": params, "stage": stage, "rows": rows_per_run,
+                        "old": args.old_commit if args.old == "commit" else "share_prefixes=false",
                         "new_rows_per_s": round(new, 2), "old_rows_per_s": round(old, 2),
                         "speedup": round(new / old, 2)})
     return results
@@ -133,6 +186,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64, help="sample.max_new_tokens of the candidates")
     ap.add_argument("--judge-tokens", type=int, default=32, help="judge.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating")
+    ap.add_argument("--old", choices=("commit", "flag"), default="commit", help="the old path (see above)")
+    ap.add_argument("--old-commit", default="5e3de46", help="the pinned commit of --old commit")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_selfreward_"))
     try:

@@ -133,6 +133,22 @@ def test_the_decode_loop_never_gathers_a_weight(policy, tensor, data, kv_repeat)
     assert program.memory_analysis().temp_size_in_bytes < WEIGHT_BYTES / 2
 
 
+def test_a_shared_prefill_copies_rows_within_each_data_shard(policy):
+    """The shared-prefix prefill (each distinct prompt once, copied into its samples' rows, behind a call-wide
+    prefix) on data 2 x tensor 4: the copies stay on the device that holds the rows (no all-gather of the cache or
+    of the prefix), and no weight is gathered."""
+    model = dataclasses.replace(policy, decode_tensor=4).for_decode()
+    prefill, decode = programs(model.config, model.mesh, model.dtype, model.rules, MODE, B, P, N, EOS_SLOTS, (1, 2),
+                               "xla", B // 2, 16)
+    hlo = prefill.as_text().splitlines()
+    assert weight_sized(hlo) == []
+    # No cache layer ([rows, kv heads, E, slots] or [rows, kv heads, slots, E]) is gathered: a row gather across the
+    # data shards would all-gather them (checked by hand with a plain x[src_B]: one all-gather per cache array).
+    assert [line for shape, line in all_gathers(hlo) if len(shape) == 4] == []
+    assert not any("all-to-all" in line or "collective-permute" in line for line in hlo)
+    assert weight_sized(loop_body(decode.as_text())) == []
+
+
 def test_the_training_layout_gathers_every_weight(policy):
     """The same programs on the policy's own layout (FSDP 8), as the sampler ran before: each weight is
     all-gathered. XLA:CPU hoists these loop-invariant gathers out of the loop body, so the gathered copy of the

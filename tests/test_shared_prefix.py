@@ -187,3 +187,4 @@ def test_expected_judge_reads_the_digits_from_the_sampling_pass(world_policy, mo
     second.clear()
     judging.judge(policy, requests, dataclasses.replace(sec, stop_at_score=False), seed=0)
     assert second == [3]
+
