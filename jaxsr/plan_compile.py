@@ -312,7 +312,9 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
     from .decode_layout import decode_target, process_devices
     from .model import decoder
     from .model.sharding import make_mesh
+    from .model.sharding import batch_multiple
     from .next_token import sampling_mode
+    from .sample import _batch_bucket
 
     topo = parse_topology(topology)
     devices = abstract_devices(topo) if devices is None else devices
@@ -346,8 +348,19 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
             continue
         t = time.perf_counter()
         if name == "prefill":
-            compiled[name] = sampler.prefill_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, B, P, N,
-                                                     run_cfg.model.attention)
+            # Two prefills run: every row's prompt (B rows), and the shared one (a chunk's distinct prompts,
+            # at most B/2 rows, copied into the B rows of their samples: both caches live at once). The larger
+            # is the one that must fit.
+            variants = {"plain": sampler.prefill_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, B, P, N,
+                                                         run_cfg.model.attention)}
+            Bp = _batch_bucket(max(1, B // 2), batch_multiple(d_mesh), B)
+            if Bp < B:
+                variants[f"shared ({Bp} distinct prompts)"] = sampler.prefill_program(
+                    dcfg, d_mesh, run_cfg.model.dtype, d_rules, B, P, N, run_cfg.model.attention, Bp)
+            sizes_ = {k: _analysis(c)["program_bytes"] for k, c in variants.items()}
+            variant = max(sizes_, key=sizes_.get)
+            compiled[name] = variants[variant]
+            prefill_variants = {"prefill_variant": variant, "prefill_variant_bytes": sizes_}
         elif name == "decode":
             compiled[name] = sampler.decode_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, mode, B, P, N,
                                                     sampler.EOS_SLOTS, stop_shape)
@@ -360,6 +373,8 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
                 fn, args = _to_decode_programs(model_cfg, run_cfg, mesh, target)[name]
             compiled[name] = fn.lower(*args).compile()
         programs[name] = {"compile_seconds": time.perf_counter() - t}
+        if name == "prefill":
+            programs[name] |= prefill_variants
     for name, c in compiled.items():
         a = _analysis(c)
         total = a["program_bytes"] + held[name]
@@ -435,6 +450,11 @@ def format_compile_plan(p: dict, source: str) -> str:
               " and compute copy, which the run keeps outside the program); hand-plan: jaxsr plan's peak of that phase.",
               "TFLOP, GB-accessed, xla-ms: XLA's cost analysis, which counts the body of each of the program's while "
               "loops (column loops) once and gives custom calls no FLOPs and a negative time (n/a)."]
+    pre = p["programs"].get("prefill", {})
+    if "prefill_variant_bytes" in pre:
+        lines += ["prefill: the larger of " + ", ".join(f"{k} {v / div:.2f} {unit}" for k, v in
+                                                       pre["prefill_variant_bytes"].items())
+                  + f" (program bytes; the row shows {pre['prefill_variant']})"]
     d, dec = p["programs"].get("dpo_step", {}), p["programs"].get("decode")
     if "cost_all_layers" in d:
         c, n = d["cost_all_layers"], p["devices"]

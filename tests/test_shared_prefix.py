@@ -188,3 +188,13 @@ def test_expected_judge_reads_the_digits_from_the_sampling_pass(world_policy, mo
     judging.judge(policy, requests, dataclasses.replace(sec, stop_at_score=False), seed=0)
     assert second == [3]
 
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama2"])  # attention biases, q/k norms, a BOS tokenizer
+def test_shared_prefill_equals_the_unshared_one_for_other_families(fixtures_dir, family):
+    policy = jaxsr.load_policy(fixtures_dir / "hf" / family)
+    kw = dict(num_samples=2, max_new_tokens=8, eos_token_ids=[], **SAMPLED)
+    stats = {}
+    a = generate(policy, PROMPTS[:3], stats=stats, **kw)
+    assert stats["prefix_tokens"] == len(PREFIX)
+    same(a, generate(policy, PROMPTS[:3], share_prefixes=False, **kw))
