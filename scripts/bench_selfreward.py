@@ -109,7 +109,8 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides=[
         f"sample.max_new_tokens={args.new_tokens}", f"judge.max_new_tokens={args.judge_tokens}",
         f"judge.template={spec['template']}", "judge.num_judgements=3", "judge.mode=sampled",
-        "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9"])
+        "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9",
+        f"sample.max_batch_rows={args.max_batch_rows}"])
     template = WORLD_JUDGE_TEMPLATE if cfg.judge.template == "env" else load_judge_template(cfg.judge.template)
     prompts_dir = work / name / "prompts"
     rows = [{"prompt_id": i, "prompt": p} for i, p in enumerate(new_instructions(0, "bench", args.prompts, set()))]
@@ -139,7 +140,8 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
         ocfg = oldpkg.config.load_config(work / "old_configs" / "tiny.yaml", overrides=[
             f"sample.max_new_tokens={args.new_tokens}", f"judge.max_new_tokens={args.judge_tokens}",
             f"judge.template={template_path}", "judge.num_judgements=3", "judge.mode=sampled",
-            "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9"])
+            "sample.num_samples=4", "sample.temperature=0.7", "sample.top_p=0.9",
+            f"sample.max_batch_rows={args.max_batch_rows}"])
         opolicy = oldpkg.policy.random_policy(oldpkg.model.config.ModelConfig(
             model_type="llama", vocab_size=len(tok), max_position_embeddings=2048, **spec["arch"]), seed=0,
             tokenizer=tok)
@@ -182,22 +184,27 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--prompts", type=int, default=8, help="prompts (x4 candidates, x3 judgements each)")
+    ap.add_argument("--prompts", type=int, default=4,
+                    help="prompts (x4 candidates, x3 judgements each); the old judge prefill of the 30M model holds "
+                         "float32 scores of rows x heads x ~1,100^2 tokens: ~5 GB at 4 prompts on 2 cores")
     ap.add_argument("--new-tokens", type=int, default=64, help="sample.max_new_tokens of the candidates")
     ap.add_argument("--judge-tokens", type=int, default=32, help="judge.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating")
+    ap.add_argument("--max-batch-rows", type=int, default=256,
+                    help="sample.max_batch_rows (the default config's; 5e3de46's stages do not pass it to generate, "
+                         "which then uses its default, 256)")
     ap.add_argument("--old", choices=("commit", "flag"), default="commit", help="the old path (see above)")
     ap.add_argument("--old-commit", default="5e3de46", help="the pinned commit of --old commit")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_selfreward_"))
+    extra = provenance() | {"prompts": args.prompts, "new_tokens": args.new_tokens, "judge_tokens": args.judge_tokens,
+                            "max_batch_rows": args.max_batch_rows, "repeats": args.repeats}
     try:
-        results = [r for name in args.configs for r in bench_config(name, args, work)]
+        for name in args.configs:  # one JSON line per config and stage as each config ends (stdout holds only these)
+            for r in bench_config(name, args, work):
+                print(json.dumps(r | extra | {"load_1min": round(os.getloadavg()[0], 2)}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    extra = provenance() | {"load_1min": round(os.getloadavg()[0], 2), "prompts": args.prompts,
-                            "new_tokens": args.new_tokens, "judge_tokens": args.judge_tokens, "repeats": args.repeats}
-    for r in results:
-        print(json.dumps(r | extra))
 
 
 if __name__ == "__main__":
