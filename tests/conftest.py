@@ -18,3 +18,15 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir():
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def world_policy():
+    """A random 2-layer policy with the world's tokenizer and chat template (the judge tests' model)."""
+    import jaxsr
+    from jaxsr.world import load_tokenizer
+
+    tok = load_tokenizer()
+    cfg = jaxsr.ModelConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    return jaxsr.random_policy(cfg, seed=1, tokenizer=tok)

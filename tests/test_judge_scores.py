@@ -8,7 +8,6 @@ import jaxsr
 from jaxsr import judge_scores, judging
 from jaxsr.chat import chat_token_ids
 from jaxsr.model.sharding import batch_multiple
-from jaxsr.world import load_tokenizer
 
 # Rows of different lengths: with and without "Score:", with text after it, one empty justification.
 JUSTIFICATIONS = ["The answer lists three colours.\nScore: 4", "Too short.", "Score: 2 but then more words",
@@ -18,11 +17,8 @@ INSTRUCTIONS = ["List 2 fruits.", "Write one sentence about the sea and the wind
 
 
 @pytest.fixture(scope="module")
-def policy():
-    tok = load_tokenizer()
-    cfg = jaxsr.ModelConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    return jaxsr.random_policy(cfg, seed=1, tokenizer=tok)
+def policy(world_policy):
+    return world_policy
 
 
 def naive_expected_scores(policy, request_ids, justifications):

@@ -14,7 +14,6 @@ from jaxsr.chat import chat_token_ids
 from jaxsr.config import JudgeSection
 from jaxsr.policy import forward_logits
 from jaxsr.sample import _common_prefix, generate
-from jaxsr.world import load_tokenizer
 
 PREFIX = list(range(40, 80))  # 40 tokens: above MIN_SHARED_PREFIX, bucket 48
 # Ragged remainders (1 to 21 tokens) behind the shared prefix.
@@ -108,14 +107,6 @@ def test_a_sliding_window_model_does_not_share_the_call_prefix(fixtures_dir):
     assert stats["prefix_tokens"] == 0
     same(a, generate(policy, PROMPTS[:2], num_samples=2, max_new_tokens=5, temperature=0.0, eos_token_ids=[],
                      share_prefixes=False))
-
-
-@pytest.fixture(scope="module")
-def world_policy():
-    tok = load_tokenizer()
-    cfg = jaxsr.ModelConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    return jaxsr.random_policy(cfg, seed=1, tokenizer=tok)
 
 
 def test_after_stop_probs_are_the_next_token_distribution_after_the_stop(world_policy, monkeypatch):
