@@ -30,7 +30,7 @@ Runs COMMAND in DIR (default: jaxsr, relative to the home directory) with DIR/.v
 Examples:
   scripts/launch_tpu_pod.sh --tpu my-v5p-128 --zone us-east5-a -- jaxsr run --config configs/paper_llama2_70b.yaml
   scripts/launch_tpu_pod.sh --tpu my-ms --slices 2 --zone us-east5-a -- \
-      jaxsr run --config configs/paper_llama2_70b.yaml mesh.data=2
+      jaxsr run --config configs/paper_llama2_70b.yaml mesh.data=2 model.remat=full
 USAGE
 }
 
