@@ -132,7 +132,8 @@ on_every_slice() {  # $1: what runs ("setup" or "command"); $2: a function print
   done
   pids=()
   if [ "$first" != 0 ]; then
-    echo "$(basename "$0"): $1 failed on slice(s) ${failed[*]} of $SLICES; exit status $first (slice ${failed[0]}'s)" >&2
+    echo "$(basename "$0"): $1 failed on slice(s) ${failed[*]} of $SLICES; exit status $first" \
+      "(slice ${failed[0]}'s)" >&2
     exit "$first"
   fi
 }
