@@ -243,10 +243,22 @@ def _extrapolated_cost(kind: str, model_cfg, run_cfg, mesh) -> dict:
     for layers in (1, 2):
         fn, args = _step_program(kind, model_cfg, run_cfg, mesh, num_layers=layers, micro_batch_only=True)
         c.append(_analysis(fn.lower(*args).compile(compiler_options=options)))
-    L, A = model_cfg.num_layers, getattr(run_cfg, kind).grad_accum
-    out = {k: A * (c[0][k] + (c[1][k] - c[0][k]) * (L - 1))
+    return _extrapolate(c, model_cfg.num_layers, getattr(run_cfg, kind).grad_accum)
+
+
+def _extrapolate(c: list[dict], layers: int, accum: int) -> dict:
+    """The step's cost from the 1- and 2-layer variants' analyses `c`: cost(L) = c1 + (c2 - c1) * (L - 1), times
+    `accum` micro-batches. XLA gives a negative time for a program with an op it cannot cost (custom calls, such as a
+    multi-slice program's cross-slice `SliceId` and `ZeroCrop`); the difference of two such variants may still be
+    positive (the 70B's on 2xv5p-64: -1.96 and -1.93 s, extrapolated to +0.18 s, an MFU of 542%), so when either
+    variant's time is not positive the step's is the lower variant's: negative, i.e. no MFU from XLA's time."""
+    out = {k: accum * (c[0][k] + (c[1][k] - c[0][k]) * (layers - 1))
            for k in ("flops", "bytes_accessed", "hbm_bytes", "optimal_seconds")}
-    return out | {"while_loops": max(x["while_loops"] for x in c), "custom_calls": c[1]["custom_calls"]}
+    seconds = [x["optimal_seconds"] for x in c]
+    if min(seconds) <= 0:
+        out["optimal_seconds"] = min(seconds)
+    return out | {"variant_seconds": seconds, "while_loops": max(x["while_loops"] for x in c),
+                  "custom_calls": c[1]["custom_calls"]}
 
 
 def _dpo_shape(m, sec):

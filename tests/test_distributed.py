@@ -3,6 +3,7 @@ installed. Multi-process runs themselves are tested in tests/test_multiprocess.p
 
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,26 @@ def test_a_tpu_pod_starts_auto_initialisation(calls, monkeypatch, env, chips):
     monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: chips)
     _start()
     assert calls == [{"heartbeat_timeout_seconds": 100}] and distributed.auto_cluster() == "tpu"
+
+
+@pytest.mark.parametrize("chips", [4, 0])
+def test_a_multi_slice_worker_as_launched_starts_auto_initialisation(calls, monkeypatch, chips):
+    """What scripts/launch_tpu_pod.sh --slices exports on each worker makes a pod (on a TPU VM, and by these variables
+    alone when no chip is seen); with JAX_PLATFORMS=cpu (a CPU-only process on such a host) it does not."""
+    r = subprocess.run(["bash", str(REPO / "scripts" / "launch_tpu_pod.sh"), "--tpu", "ms", "--zone", "z", "--slices",
+                        "2", "--dry-run", "--", "jaxsr", "run"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    remote = shlex.split(r.stdout.splitlines()[-1])[-1]  # slice 1's command
+    exports = [shlex.split(p) for p in remote.split(" && ")]
+    env = dict(w.split("=", 1) for p in exports if p[0] == "export" and p[1].startswith("MEGASCALE_") for w in p[1:])
+    assert set(env) == {"MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID", "MEGASCALE_PORT"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: chips)
+    _start()
+    assert calls == [{"heartbeat_timeout_seconds": 100}] and distributed.auto_cluster() == "tpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert distributed.auto_cluster() is None
 
 
 def test_jax_platforms_without_tpu_rules_out_a_tpu_pod_but_not_slurm(calls, monkeypatch):

@@ -182,6 +182,17 @@ def test_the_dpo_steps_flops_count_every_layer_and_loop(one_slice):
     assert 0.9 < ratio < 1.2, ratio
 
 
+def test_a_negative_variant_time_gives_no_mfu_even_when_the_extrapolation_is_positive():
+    def variant(seconds, flops):
+        return {"flops": flops, "bytes_accessed": 2.0, "hbm_bytes": 1.0, "optimal_seconds": seconds, "while_loops": 0,
+                "custom_calls": {"SliceId": 1}}
+    ok = plan_compile._extrapolate([variant(0.036, 8.0), variant(0.063, 15.0)], layers=80, accum=2)
+    assert ok["optimal_seconds"] == pytest.approx(2 * (0.036 + 0.027 * 79)) and ok["flops"] == 2 * (8 + 7 * 79)
+    # The 70B's DPO variants on 2xv5p-64 (cross-slice custom calls): both negative, their difference positive.
+    bad = plan_compile._extrapolate([variant(-1.9616, 8.0), variant(-1.9345, 15.0)], layers=80, accum=1)
+    assert bad["optimal_seconds"] == -1.9616 and bad["variant_seconds"] == [-1.9616, -1.9345]
+
+
 @needs_libtpu
 def test_a_program_that_does_not_fit_exits_3_naming_it(one_slice, monkeypatch, capsys):
     tight = json.loads(json.dumps(one_slice))
