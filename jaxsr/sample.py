@@ -209,12 +209,10 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
     multiple = batch_multiple(model.mesh)
     cap = -(-max_batch_rows // multiple) * multiple
 
+    capture = _capture_groups(after_stop_probs, stop, cfg.vocab_size)
     # A prefix every prompt shares (the judge's rubric and the chat header before it) is prefilled once and
     # each prompt keeps only its remainder. Not with a sliding window: the remainders sit after a gap of
     # padding slots, and the window counts slots.
-    if after_stop_probs is not None and stop is None:
-        raise ValueError("after_stop_probs needs a stop condition (stop=...): it is read after the stop token")
-    capture = None if after_stop_probs is None else tuple(tuple(int(t) for t in g) for g in after_stop_probs)
     prefix = None
     full_ids = ids
     if share_prefixes and (cfg.sliding_window is None or cfg.sliding_window >= cfg.max_position_embeddings):
@@ -300,6 +298,23 @@ def _chunk_shape(ids, chunk, multiple: int, cap: int, groups: int, share: bool) 
         distinct = max(len(block) for block in prefill_rows(chunk, B, groups))
         Bp = min(B, _batch_bucket(distinct * groups, groups, B))
     return B, P, Bp
+
+
+def _capture_groups(groups, stop, vocab: int) -> tuple[tuple[int, ...], ...] | None:
+    """`after_stop_probs` as the decode program's static table, checked: a stop condition to read it after, and
+    non-empty groups of token ids inside the vocabulary."""
+    if groups is None:
+        return None
+    if stop is None:
+        raise ValueError("after_stop_probs needs a stop condition (stop=...): it is read after the stop token")
+    out = tuple(tuple(int(t) for t in g) for g in groups)
+    for k, g in enumerate(out):
+        if not g or any(not 0 <= t < vocab for t in g):
+            raise ValueError(f"after_stop_probs group {k} must be a non-empty list of token ids in [0, {vocab}), "
+                             f"got {list(g)}")
+    if not out:
+        raise ValueError("after_stop_probs must hold at least one group of token ids")
+    return out
 
 
 def _common_prefix(ids: list[list[int]]) -> int:

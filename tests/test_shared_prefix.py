@@ -137,6 +137,8 @@ def test_after_stop_probs_are_the_next_token_distribution_after_the_stop(world_p
         np.testing.assert_allclose(c.after_stop_probs, [p[g].sum() for g in groups], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="after_stop_probs needs a stop condition"):
         generate(policy, prompts, max_new_tokens=4, after_stop_probs=groups)
+    with pytest.raises(ValueError, match=r"after_stop_probs group 1 must be a non-empty list of token ids in \[0, 1024\)"):
+        generate(policy, prompts, max_new_tokens=4, stop="score", after_stop_probs=[[5], [1024]])
 
 
 def bigram_policy(policy, chain):
