@@ -28,7 +28,7 @@ from .data import bucket
 from .model.sharding import batch_multiple
 from .next_token import sampling_mode
 from .policy import Policy
-from .sampler import EOS_SLOTS, Knobs, batch_multiple_of, make_prefix, prefill_rows, programs, run_chunk
+from .sampler import EOS_SLOTS, Knobs, make_prefix, prefill_rows, programs, run_chunk
 from .stop import stop_table
 
 DEFAULT_MAX_BATCH_ROWS = 256
@@ -234,8 +234,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         concurrency = 1
     size = -(-len(rows) // max(-(-len(rows) // cap), min(concurrency, len(rows))))
     chunks = [rows[k:k + size] for k in range(0, len(rows), size)]
-    groups = batch_multiple_of(model.mesh, model.rules)
-    shapes = [_chunk_shape(ids, chunk, multiple, cap, groups, share_prefixes) for chunk in chunks]
+    shapes = [_chunk_shape(ids, chunk, multiple, cap, share_prefixes) for chunk in chunks]
     run = functools.partial(run_chunk, model, ids, budgets, new_bucket=new_bucket, mode=mode, knobs=knobs,
                             seed_key_2=seed_key_2, prefix=prefix, capture=capture)
     C = 0 if prefix is None else prefix.slots
@@ -263,7 +262,7 @@ def generate(policy: Policy, prompts, *, num_samples: int = 1, max_new_tokens: i
         stats["prefix_tokens"] = 0 if prefix is None else prefix.length
         stats["chunks"] = []
         for k, (chunk, (B, P, Bp)) in enumerate(zip(chunks, shapes)):
-            prefilled = ([i for block in prefill_rows(chunk, B, groups) for i in block] if Bp < B
+            prefilled = ([i for block in prefill_rows(chunk, B, multiple) for i in block] if Bp < B
                          else [i for i, _ in chunk])
             stats["chunks"].append({
                 "rows": len(chunk), "batch": B, "prompt_bucket": P, "decode_steps": steps[k],
@@ -288,15 +287,15 @@ def _default_concurrency(mesh) -> int:
     return max(1, min(cores // mesh.devices.size, 8))
 
 
-def _chunk_shape(ids, chunk, multiple: int, cap: int, groups: int, share: bool) -> tuple[int, int, int]:
+def _chunk_shape(ids, chunk, multiple: int, cap: int, share: bool) -> tuple[int, int, int]:
     """(batch, prompt bucket, prefill batch) of a chunk: the prefill batch holds each data shard's distinct
     prompts (`prefill_rows`) when that is fewer rows than the batch, else it is the batch (nothing shared)."""
     B = _batch_bucket(len(chunk), multiple, cap)
     P = bucket(max(len(ids[i]) for i, _ in chunk), fine=True)
     Bp = B
     if share:
-        distinct = max(len(block) for block in prefill_rows(chunk, B, groups))
-        Bp = min(B, _batch_bucket(distinct * groups, groups, B))
+        distinct = max(len(block) for block in prefill_rows(chunk, B, multiple))
+        Bp = min(B, _batch_bucket(distinct * multiple, multiple, B))
     return B, P, Bp
 
 

@@ -17,7 +17,7 @@ from . import distributed
 from .data import bucket
 from .model import decoder
 from .model.config import ModelConfig
-from .model.sharding import ShardingRules, batch_sharding, replicated
+from .model.sharding import ShardingRules, batch_multiple, batch_sharding, replicated
 from .decode_layout import DecodeModel, layer_param_shardings
 from .next_token import Mode, draw_tokens, token_logprobs
 from .policy import DTYPES
@@ -163,7 +163,7 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
         # Left padding puts every row's last prompt token in the last column: only it needs logits.
         logits_BxV = decoder.lm_head(params, cfg, h_BxPxD[:, -1:], act)[:, 0]
         if batch is not None and batch != B:
-            take = functools.partial(_local_take, src_B=src_B, groups=batch_multiple_of(mesh, rules))
+            take = functools.partial(_local_take, src_B=src_B, groups=batch_multiple(mesh))
             cache = jax.tree.map(take, cache)
             logits_BxV = take(logits_BxV)
         return cache, logits_BxV
@@ -173,16 +173,6 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
     prefix_sh = decoder.KVCache(layers, layers, b2) if C else None
     return jax.jit(prefill, in_shardings=(layer_param_shardings(cfg, mesh, rules), prefix_sh, b2, b2, b1),
                    out_shardings=(decoder.KVCache(layers, layers, b2), b2))
-
-
-def batch_multiple_of(mesh, rules: ShardingRules) -> int:
-    """How many devices the rows are split over under `rules` (the decode layout: `data`)."""
-    axes = rules.batch if isinstance(rules.batch, tuple) else (rules.batch,)
-    n = 1
-    for a in axes:
-        if a is not None:
-            n *= mesh.shape[a]
-    return n
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,7 +266,7 @@ def prefill_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, ba
     mask = sds((Bp, prompt_bucket), bool, sharding=b2)
     prefix = None
     if prefix_bucket:
-        M, K, E, C, L = batch_multiple_of(mesh, rules), cfg.num_kv_heads, cfg.head_dim, prefix_bucket, cfg.num_layers
+        M, K, E, C, L = batch_multiple(mesh), cfg.num_kv_heads, cfg.head_dim, prefix_bucket, cfg.num_layers
         kv = _cache_sharding(mesh, rules)
         prefix = decoder.KVCache((sds((M, K, E, C), DTYPES[dtype], sharding=kv),) * L,
                                  (sds((M, K, C, E), DTYPES[dtype], sharding=kv),) * L, sds((M, C), bool, sharding=b2))
@@ -290,7 +280,7 @@ def prefix_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, pre
                    attention: str = "xla"):
     """The compiled prefill of a call's shared prefix (`_prefix_fn`) of `prefix_bucket` slots."""
     b2 = batch_sharding(mesh, 2, rules)
-    shape = (batch_multiple_of(mesh, rules), prefix_bucket)
+    shape = (batch_multiple(mesh), prefix_bucket)
     return _prefix_fn(cfg, mesh, dtype, rules, attention).lower(
         _abstract_params(cfg, mesh, dtype, rules), jax.ShapeDtypeStruct(shape, jnp.int32, sharding=b2),
         jax.ShapeDtypeStruct(shape, bool, sharding=b2)).compile()
@@ -363,7 +353,7 @@ def run_chunk(model: DecodeModel, ids, max_new, chunk, shape: tuple[int, int, in
     iterations).
     """
     B, P, Bp = shape
-    groups = batch_multiple_of(model.mesh, model.rules)
+    groups = batch_multiple(model.mesh)
     C = 0 if prefix is None else prefix.slots
     # The decode's rows: the prompt's mask behind the shared prefix's (positions count both).
     mask_BxCP = np.zeros((B, C + P), bool)
@@ -420,7 +410,7 @@ def make_prefix(model: DecodeModel, prefix_ids: list[int], pad_id: int) -> Prefi
     """Prefills `prefix_ids` once (one copy per data shard) for the chunks of a call to start from."""
     L = len(prefix_ids)
     C = bucket(L, fine=True)
-    M = batch_multiple_of(model.mesh, model.rules)
+    M = batch_multiple(model.mesh)
     ids_MxC = np.full((M, C), pad_id, np.int32)
     ids_MxC[:, C - L:] = prefix_ids
     mask_MxC = np.zeros((M, C), bool)
