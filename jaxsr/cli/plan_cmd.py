@@ -49,7 +49,8 @@ def _compile(args, run_cfg, model_cfg, source) -> int:
     if args.accelerator or args.devices:
         raise ValueError("--compile's topology names the chips and their number; leave out --accelerator and --devices")
     from .. import distributed
-    from ..plan_compile import PROGRAMS, CompileUnavailable, compile_plan, format_compile_plan, parse_topology
+    from ..plan_compile import PROGRAMS, CompileUnavailable, compile_plan, parse_topology
+    from ..plan_compile_report import format_compile_plan
 
     parse_topology(topology)  # a bad name fails before libtpu loads
     programs = tuple(dict.fromkeys(x.strip() for x in args.programs.split(",") if x.strip())) if args.programs else PROGRAMS
