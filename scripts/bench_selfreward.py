@@ -88,6 +88,42 @@ def old_package(commit: str, work: Path):
     return importlib.import_module("jaxsr_old")
 
 
+def matmul_floor_s(params, rows: int, steps: int, repeats: int) -> float:
+    """Seconds for `steps` decode steps of `rows` rows doing only the model's matmuls (q, k, v, o, gate, up, down
+    per layer and the LM head: every weight read once per step, in float32 as the sampler computes on CPU), in
+    one jitted loop: a lower bound on any sampler that does this arithmetic, whatever it does about attention,
+    sampling, prefill or scheduling. Best of `repeats` after a compile."""
+    import jax
+    import jax.numpy as jnp
+
+    layers = params["layers"]
+    L, D = layers["wq"].shape[:2]
+    # Each layer's weights as 2-D matmul operands: q, k, v [D, heads x head_dim], o [heads x head_dim, D].
+    flat = [{k: layers[k][i].reshape(D, -1) for k in ("wq", "wk", "wv", "w_gate", "w_up")}
+            | {"wo": layers["wo"][i].reshape(-1, D), "w_down": layers["w_down"][i]} for i in range(L)]
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+
+    @jax.jit
+    def run(flat, head, x_BxD):
+        def step(_, x):
+            for w in flat:
+                # q stands in for attention's output; k and v are kept live through their sums.
+                kv = (x @ w["wk"]).sum(-1, keepdims=True) + (x @ w["wv"]).sum(-1, keepdims=True)
+                x = x + 1e-3 * ((x @ w["wq"]) + 1e-3 * kv) @ w["wo"]
+                x = x + 1e-3 * (jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
+            return x + 1e-3 * jnp.tanh(x @ head).sum(-1, keepdims=True)
+        return jax.lax.fori_loop(0, steps, step, x_BxD)
+
+    x = jnp.ones((rows, D), jnp.float32)
+    run(flat, head, x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(flat, head, x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def bench_config(name: str, args, work: Path) -> list[dict]:
     import jax
 
@@ -166,6 +202,8 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
 
     results = []
     for stage, rows_per_run in (("candidates", len(rows) * 4), ("judge", len(rows) * 4 * 3)):
+        if stage not in args.stages:
+            continue
         for path in paths:  # warm-up: compiles each path's shapes
             log(f"  {stage} {path}: warm-up {run(path, stage, -1):.1f} s")
         times = {p: [] for p in paths}
@@ -174,10 +212,16 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
                 times[path].append(run(path, stage, k))
                 log(f"  {stage} {path}: {times[path][-1]:.2f} s")
         new, old = (rows_per_run / statistics.median(times[p]) for p in ("new", "old"))
-        results.append({"model": name, "params": params, "stage": stage, "rows": rows_per_run,
-                        "old": args.old_commit if args.old == "commit" else "share_prefixes=false",
-                        "new_rows_per_s": round(new, 2), "old_rows_per_s": round(old, 2),
-                        "speedup": round(new / old, 2)})
+        result = {"model": name, "params": params, "stage": stage, "rows": rows_per_run,
+                  "old": args.old_commit if args.old == "commit" else "share_prefixes=false",
+                  "new_rows_per_s": round(new, 2), "old_rows_per_s": round(old, 2), "speedup": round(new / old, 2)}
+        if stage == "candidates":
+            # Random weights: every row decodes its whole budget on both paths, so the decode matmuls of all rows
+            # in one batch bound what any sampler can reach here; old / floor is the largest possible speedup.
+            floor = rows_per_run / matmul_floor_s(policy.params, rows_per_run, args.new_tokens, args.repeats + 1)
+            log(f"  {stage} matmul floor: {rows_per_run / floor:.2f} s")
+            result |= {"floor_rows_per_s": round(floor, 2), "max_speedup": round(floor / old, 2)}
+        results.append(result)
     return results
 
 
@@ -187,6 +231,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=4,
                     help="prompts (x4 candidates, x3 judgements each); the old judge prefill of the 30M model holds "
                          "float32 scores of rows x heads x ~1,100^2 tokens: ~5 GB at 4 prompts on 2 cores")
+    ap.add_argument("--stages", nargs="+", default=["candidates", "judge"], choices=["candidates", "judge"])
     ap.add_argument("--new-tokens", type=int, default=64, help="sample.max_new_tokens of the candidates")
     ap.add_argument("--judge-tokens", type=int, default=32, help="judge.max_new_tokens")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating")
