@@ -238,12 +238,19 @@ def main():
     ap.add_argument("--max-batch-rows", type=int, default=256,
                     help="sample.max_batch_rows (the default config's; 5e3de46's stages do not pass it to generate, "
                          "which then uses its default, 256)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="CPU devices (XLA's --xla_force_host_platform_device_count, as the tests use 8): the policy's "
+                         "training layout spans them (FSDP), which the old path decodes on and the new one reshards "
+                         "from; they share the same cores, so this shows layout costs, not parallel speed")
     ap.add_argument("--old", choices=("commit", "flag"), default="commit", help="the old path (see above)")
     ap.add_argument("--old-commit", default="5e3de46", help="the pinned commit of --old commit")
     args = ap.parse_args()
+    if args.devices > 1:  # before jax is imported (bench_config imports it)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     work = Path(tempfile.mkdtemp(prefix="bench_selfreward_"))
     extra = provenance() | {"prompts": args.prompts, "new_tokens": args.new_tokens, "judge_tokens": args.judge_tokens,
-                            "max_batch_rows": args.max_batch_rows, "repeats": args.repeats}
+                            "max_batch_rows": args.max_batch_rows, "repeats": args.repeats, "devices": args.devices}
     try:
         for name in args.configs:  # one JSON line per config and stage as each config ends (stdout holds only these)
             for r in bench_config(name, args, work):
