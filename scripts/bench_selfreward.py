@@ -162,7 +162,7 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
 
     def new_stage(backend):
         def run(stage, out):
-            if stage == "candidates":
+            if stage == "candidates" and jax.device_count() == 1:
                 generate_candidates(policy, prompts_dir, out, cfg, 1, backend=backend)
             else:
                 judge_candidates(policy, reference_candidates, out, cfg, 1, template=template, backend=backend)
@@ -186,7 +186,7 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
         opolicy = dataclasses.replace(opolicy, params=policy.params)
 
         def run_old(stage, out):
-            if stage == "candidates":
+            if stage == "candidates" and jax.device_count() == 1:
                 oldpkg.selfreward.generate_candidates(opolicy, prompts_dir, out, ocfg, 1)
             else:
                 oldpkg.selfreward.judge_candidates(opolicy, reference_candidates, out, ocfg, 1)
@@ -215,9 +215,10 @@ def bench_config(name: str, args, work: Path) -> list[dict]:
         result = {"model": name, "params": params, "stage": stage, "rows": rows_per_run,
                   "old": args.old_commit if args.old == "commit" else "share_prefixes=false",
                   "new_rows_per_s": round(new, 2), "old_rows_per_s": round(old, 2), "speedup": round(new / old, 2)}
-        if stage == "candidates":
+        if stage == "candidates" and jax.device_count() == 1:
             # Random weights: every row decodes its whole budget on both paths, so the decode matmuls of all rows
-            # in one batch bound what any sampler can reach here; old / floor is the largest possible speedup.
+            # in one batch bound what any sampler can reach here; old / floor is the largest possible speedup. (Not
+            # with several fake devices: the paths then spread rows over devices that the one-device loop does not.)
             floor = rows_per_run / matmul_floor_s(policy.params, rows_per_run, args.new_tokens, args.repeats + 1)
             log(f"  {stage} matmul floor: {rows_per_run / floor:.2f} s")
             result |= {"floor_rows_per_s": round(floor, 2), "max_speedup": round(floor / old, 2)}
