@@ -221,7 +221,9 @@ rotate_rows.defvjp(_rotate_rows_fwd, _rotate_rows_bwd)
 def _local_cudnn(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, valid_BxT, *, scale, sliding_window):
     # One device's rows and heads. Each row's real tokens rotated to slots [0, n): a causal mask and a window over
     # slots are unchanged by the shift (a run keeps its slot differences), and n is cuDNN's sequence length.
-    length_B = valid_BxT.sum(axis=1, dtype=jnp.int32)
+    # At least 1: a row of padding only then attends slot 0 to itself (its output is zeroed below) rather than
+    # asking cuDNN for a sequence of length 0, whose softmax has no key at all.
+    length_B = jnp.maximum(valid_BxT.sum(axis=1, dtype=jnp.int32), 1)
     start_B = jnp.argmax(valid_BxT, axis=1).astype(jnp.int32)  # 0 for a row of padding only
     runs_B = jnp.sum(valid_BxT[:, 1:] & ~valid_BxT[:, :-1], axis=1) + valid_BxT[:, 0]
     q, k, v = (rotate_rows(a, start_B) for a in (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE))
