@@ -111,7 +111,7 @@ def test_sharded_cudnn_runs_per_device(xla_stand_in):
 
 
 def test_a_row_of_several_runs_is_nan(xla_stand_in):
-    """Real tokens in two runs (a hole, or left and right padding at once) have no sequence length cuDNN could take:
+    """Real tokens in two runs (a hole) have no sequence length cuDNN could take (padding on both sides is one run):
     the whole row is NaN (loud), the other rows are exact."""
     T, E = 16, 8
     valid_BxT = np.ones((3, T), bool)

@@ -233,7 +233,7 @@ def _local_cudnn(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, valid_BxT, *, scale, sliding_w
         local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
         implementation=CUDNN_IMPLEMENTATION)
     out_BxTxHxE = jnp.where(valid_BxT[:, :, None, None], rotate_rows(out_BxTxHxE, -start_B), 0)
-    # A row of several runs (left and right padding at once, a hole) has no sequence length that says which keys
+    # A row of several runs (a hole among its real tokens) has no sequence length that says which keys
     # each query sees: NaN, not a silently different mask.
     return jnp.where((runs_B <= 1)[:, None, None, None], out_BxTxHxE, jnp.nan).astype(q_BxTxHxE.dtype)
 
