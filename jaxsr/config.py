@@ -109,8 +109,10 @@ class ModelSection:
         or so: 2e-5 at |w| = 0.01) rounds away, which at the paper's DPO lr of 1e-6 is nearly every update.
       remat: rematerialisation of each decoder layer in training: none, dots, full.
       attention: how a chunk attends to its own keys (training, log-probs, prefill; docs/training.md): xla (scores
-        materialised), splash (the Pallas splash kernel; off TPU in interpret mode, for tests) or auto (splash on
-        TPU, xla elsewhere). Shared-prompt DPO rows and decode steps always take the XLA path.
+        materialised), splash (the Pallas splash kernel; off TPU in interpret mode, for tests), cudnn (cuDNN flash
+        attention: NVIDIA GPUs, model.dtype=bfloat16, head_dim <= 128, no packed rows; tested on CPU through XLA
+        only) or auto (splash on TPU, cudnn on an NVIDIA GPU where it applies, xla elsewhere). Shared-prompt DPO
+        rows and decode steps always take the XLA path.
     """
 
     path: str = ""
@@ -127,7 +129,7 @@ class ModelSection:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choice("model.remat", self.remat, ("none", "dots", "full"))
-        _choice("model.attention", self.attention, ("xla", "splash", "auto"))
+        _choice("model.attention", self.attention, ("xla", "splash", "cudnn", "auto"))
         from .chat import CHAT_TEMPLATES
 
         template = self.chat_template
@@ -410,11 +412,20 @@ class JaxsrConfig:
         from .envs import environment_class
 
         env = environment_class(self.data.source)
-        if self.model.attention == "splash" and self.dpo.shared_prompt:
-            raise ConfigValueError("model.attention=splash with dpo.shared_prompt=true: a shared-prompt row (the "
-                                   "rejected response sees the prompt but not the chosen one) is not a mask the splash "
-                                   "kernel takes; set dpo.shared_prompt=false (two rows per pair) or "
-                                   "model.attention=auto (those rows on the XLA path)")
+        attention = self.model.attention
+        if attention in ("splash", "cudnn") and self.dpo.shared_prompt:
+            raise ConfigValueError(f"model.attention={attention} with dpo.shared_prompt=true: a shared-prompt row (the "
+                                   f"rejected response sees the prompt but not the chosen one) is not a mask the "
+                                   f"{attention} kernel takes; set dpo.shared_prompt=false (two rows per pair) or "
+                                   f"model.attention=auto (those rows on the XLA path)")
+        if attention == "cudnn" and self.sft.packing:
+            raise ConfigValueError("model.attention=cudnn with sft.packing=true: cuDNN's sequence lengths take one "
+                                   "sequence per row, not packed ones; set sft.packing=false or model.attention=auto "
+                                   "(packed rows on the XLA path)")
+        if attention == "cudnn" and self.model.dtype == "float32":
+            raise ConfigValueError("model.attention=cudnn with model.dtype=float32: cuDNN flash attention takes "
+                                   "bfloat16 or float16; set model.dtype=bfloat16 or model.attention=auto (the XLA "
+                                   "path for float32)")
         if self.model.path and env.only_from_scratch:
             raise ConfigValueError(f"model.path={self.model.path!r} with data.source={env.name!r}: "
                                    f"{env.only_from_scratch}; "

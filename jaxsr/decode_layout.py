@@ -34,7 +34,7 @@ class DecodeModel:
       rules: `decode_rules`: what `params`, the KV cache, the rows and the activations are sharded by.
       dtype: the compute dtype name (the matmuls' operands and the KV cache).
       kv_repeat: how many times each kv head is repeated (1: none).
-      attention: the prefill's attention, the policy's (xla, splash or auto).
+      attention: the prefill's attention, the policy's (xla, splash, cudnn or auto).
     """
 
     config: ModelConfig

@@ -48,8 +48,8 @@ class Policy:
       rules: the logical-axis rules `params` are sharded by on `mesh`.
       decode_tensor: the tensor-parallel size of the sampler's layout (`for_decode`); None: chosen from the
         devices and the model.
-      attention: how a chunk attends to its own keys in training, log-probs and prefill: xla, splash or auto
-        (splash on TPU; jaxsr/model/attention_kernels.py).
+      attention: how a chunk attends to its own keys in training, log-probs and prefill: xla, splash, cudnn or
+        auto (splash on TPU, cudnn on an NVIDIA GPU where it applies; jaxsr/model/attention_kernels.py).
     """
 
     config: ModelConfig

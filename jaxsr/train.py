@@ -106,7 +106,7 @@ def make_step_fns(objective: Objective, cfg: ModelConfig, mesh, tx, schedule, *,
     """(jitted train_step(state, batch, rng, ref_params), the pure grads function it uses, state shardings).
 
     unroll: the layer scan's unrolling (None: `layer_unroll`; plan_compile unrolls to cost every layer).
-    attention: xla, splash or auto (jaxsr/model/attention_kernels.py)."""
+    attention: xla, splash, cudnn or auto (jaxsr/model/attention_kernels.py)."""
     fwd = functools.partial(target_logps, cfg=cfg, dtype=dtype, dropout_rate=objective.section.dropout, remat=remat,
                             mesh=mesh, unroll=layer_unroll(cfg, remat) if unroll is None else unroll,
                             attention=attention)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxsr.model import ModelConfig, ShardingError, decoder, make_mesh
-from jaxsr.model.attention_kernels import block_size, splash_attention, use_splash
+from jaxsr.model.attention_kernels import block_size, kernel_for, splash_attention
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install jaxsr[tpu])")
@@ -113,11 +113,16 @@ def test_sharded_splash_equals_unsharded():
         splash_attention(q, k[:, :, :1], v[:, :, :1], valid, E ** -0.5, mesh=mesh, interpret=True)
 
 
+def use_splash(attention, platform, *, branch):
+    return kernel_for(attention, platform, branch=branch, packed=False, dtype=jnp.float32, head_dim=32) == "splash"
+
+
 def test_choice_rules():
     assert not use_splash("xla", "tpu", branch=False)
     assert use_splash("auto", "tpu", branch=False) and not use_splash("auto", "cpu", branch=False)
     assert not use_splash("auto", "tpu", branch=True)  # shared-prefix rows keep the XLA path
     assert use_splash("splash", "cpu", branch=False)  # interpret mode off TPU
+    assert kernel_for("auto", "tpu", branch=False, packed=True, dtype=jnp.bfloat16, head_dim=256) == "splash"
     with pytest.raises(ValueError, match="dpo.shared_prompt=false"):
         use_splash("splash", "tpu", branch=True)
     with pytest.raises(ValueError, match=r"attention='flash' is not an attention implementation; choose one of"):

@@ -67,7 +67,8 @@ def test_yaml_list_at_top_level_is_rejected(tmp_path):
     (["sft.batch_size=10", "sft.grad_accum=3"], r"sft.batch_size=10 is not divisible by sft.grad_accum=3"),
     (["model.dtype=float16"], r"model.dtype='float16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
     (["model.param_dtype=fp16"], r"model.param_dtype='fp16' is not allowed; choose one of \['float32', 'bfloat16'\]"),
-    (["model.attention=flash"], r"model.attention='flash' is not allowed; choose one of \['xla', 'splash', 'auto'\]"),
+    (["model.attention=flash"],
+     r"model.attention='flash' is not allowed; choose one of \['xla', 'splash', 'cudnn', 'auto'\]"),
     (["loop.iterations=0"], r"loop.iterations=0 must be > 0"),
     (["mesh.topology=h100-8"], r"mesh.topology='h100-8': expected e.g. v5e-8, v5p-128"),
     (["mesh.topology=v5p-6"], r"mesh.topology='v5p-6': v5p-6 is not a slice jaxsr knows"),
@@ -150,6 +151,21 @@ def test_run_checks_that_splash_attention_gets_rows_it_can_mask():
         load_config(None, ["model.attention=splash", "judge.template=env"]).check_run()
     load_config(None, ["model.attention=splash", "dpo.shared_prompt=false", "judge.template=env"]).check_run()
     assert load_config(None, []).model.attention == "auto"
+
+
+def test_run_checks_that_cudnn_attention_gets_rows_and_a_dtype_it_takes():
+    # cuDNN flash attention: bfloat16 / float16, one sequence per row, no shared-prompt rows (attention_kernels.py).
+    ok = ["model.attention=cudnn", "model.dtype=bfloat16", "dpo.shared_prompt=false", "judge.template=env"]
+    load_config(None, ok).check_run()
+    for override, match in (("dpo.shared_prompt=true", r"model.attention=cudnn with dpo.shared_prompt=true.*"
+                                                       r"set dpo.shared_prompt=false \(two rows per pair\) or "
+                                                       r"model.attention=auto"),
+                            ("sft.packing=true", r"model.attention=cudnn with sft.packing=true.*"
+                                                 r"set sft.packing=false or model.attention=auto"),
+                            ("model.dtype=float32", r"model.attention=cudnn with model.dtype=float32.*"
+                                                    r"set model.dtype=bfloat16 or model.attention=auto")):
+        with pytest.raises(ConfigValueError, match=match):
+            load_config(None, ok + [override]).check_run()
 
 
 def test_paper_config_is_the_paper():

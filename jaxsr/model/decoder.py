@@ -161,7 +161,9 @@ def activation_dtype(dtype, mesh=None):
 
 
 def _platform(mesh) -> str:
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    """cpu, tpu, gpu (NVIDIA) or rocm (an AMD GPU, which jax calls gpu too: no cuDNN there)."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return "rocm" if device.platform == "gpu" and "rocm" in device.client.platform_version else device.platform
 
 
 # Weights that only enter matmuls (cast to the matmul dtype there); the rest (norms, biases) take the activations'.
@@ -270,12 +272,12 @@ def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale, *, caus
 
 
 def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate,
-           rules: ShardingRules = DEFAULT_RULES, splash=None):
+           rules: ShardingRules = DEFAULT_RULES, kernel=None):
     """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxExS, v_BxKxSxE) to write into.
 
-    `dtype` is the matmul dtype; the activations are `x_BxTxD.dtype` (see `activation_dtype`). `splash`: None, or
-    (q, k, v) -> attention of this chunk over its own keys by the splash kernel (`attention_kernels`), used in
-    place of `mask` when the keys are this chunk's (no cache, or a prefill into an empty cache).
+    `dtype` is the matmul dtype; the activations are `x_BxTxD.dtype` (see `activation_dtype`). `kernel`: None, or
+    (q, k, v) -> attention of this chunk over its own keys by a kernel (splash or cuDNN, `attention_kernels`), used
+    in place of `mask` when the keys are this chunk's (no cache, or a prefill into an empty cache).
     """
     act = x_BxTxD.dtype
     # Matmul weights stay as stored: `matmul` casts them (and returns their gradient in the stored dtype).
@@ -294,8 +296,8 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
     if cfg.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache_kv is None and splash is not None:
-        new_cache, attn = None, splash(q, k, v)
+    if cache_kv is None and kernel is not None:
+        new_cache, attn = None, kernel(q, k, v)
     elif cache_kv is None:
         new_cache = None
         # The same grouped-query attention as the cache path, keys laid out [B, K, E, S]: on CPU its
@@ -307,9 +309,9 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), cache_index, axis=3)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), cache_index, axis=2)
         new_cache = (ck, cv)
-        if isinstance(cache_index, int) and cache_index == 0 and splash is not None:
+        if isinstance(cache_index, int) and cache_index == 0 and kernel is not None:
             # Keys and values as the cache holds them (its dtype), as the XLA path below reads them.
-            attn = splash(q, k.astype(ck.dtype).astype(act), v.astype(cv.dtype).astype(act))
+            attn = kernel(q, k.astype(ck.dtype).astype(act), v.astype(cv.dtype).astype(act))
         elif isinstance(cache_index, int) and cache_index == 0:
             # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
             attn = _gqa_attention(q, ck[..., :T].astype(act), cv[:, :, :T].astype(act), mask[..., :T],
@@ -353,8 +355,8 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     caller passes per-sequence `positions_BxT` (see `positions_from_segments`). `branch_ids_BxT` (no cache)
     lays several continuations of one shared prefix side by side in a row: see `attention_mask`; each
     branch's positions continue from the prefix's. `rules`: the layout `params` and the batch are on (the
-    activations' shardings follow it). `attention`: xla, splash or auto (`attention_kernels.use_splash`): the
-    implementation of a chunk's attention over its own keys (no cache, or a prefill into an empty cache); decode
+    activations' shardings follow it). `attention`: xla, splash, cudnn or auto (`attention_kernels.kernel_for`):
+    the implementation of a chunk's attention over its own keys (no cache, or a prefill into an empty cache); decode
     steps always take the XLA path.
     """
     T = ids_BxT.shape[1]
@@ -372,14 +374,18 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     act = activation_dtype(dtype, mesh)
     x = embed_VxD[ids_BxT].astype(act)
     cos, sin = rope_cos_sin(cfg, positions_BxT, act)
-    splash, platform = None, _platform(mesh)
+    kernel, platform = None, _platform(mesh)
     own_keys = cache is None or (isinstance(cache_index, int) and cache_index == 0)
-    if own_keys and attention_kernels.use_splash(attention, platform, branch=branch_ids_BxT is not None):
-        splash = functools.partial(attention_kernels.splash_attention, valid_BxT=kv_valid_BxS[:, :T],
-                                   scale=cfg.head_dim ** -0.5, segment_ids_BxT=segment_ids_BxT,
-                                   sliding_window=cfg.sliding_window, mesh=mesh, rules=rules,
-                                   interpret=platform != "tpu")
-    mask = None if splash is not None else attention_mask(
+    which = "xla" if not own_keys else attention_kernels.kernel_for(
+        attention, platform, branch=branch_ids_BxT is not None, packed=segment_ids_BxT is not None, dtype=act,
+        head_dim=cfg.head_dim)
+    if which != "xla":
+        kernel = functools.partial(
+            attention_kernels.splash_attention if which == "splash" else attention_kernels.cudnn_attention,
+            valid_BxT=kv_valid_BxS[:, :T], scale=cfg.head_dim ** -0.5, segment_ids_BxT=segment_ids_BxT,
+            sliding_window=cfg.sliding_window, mesh=mesh, rules=rules,
+            **({"interpret": platform != "tpu"} if which == "splash" else {}))
+    mask = None if kernel is not None else attention_mask(
         cache_index + jnp.arange(T), kv_valid_BxS, cfg.sliding_window, segment_ids_BxT, branch_ids_BxT, positions_BxT)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
@@ -396,7 +402,7 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
             lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree.map(lambda a: a[i], layers)
             lrng = None if layer_rngs is None else layer_rngs[i]
             x, (k_i, v_i) = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, (cache.k_BxKxExS[i], cache.v_BxKxSxE[i]),
-                                   cache_index, lrng, dropout_rate, rules, splash)
+                                   cache_index, lrng, dropout_rate, rules, kernel)
             ks.append(k_i)
             vs.append(v_i)
         x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -404,7 +410,7 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
 
     def body(x, xs):
         lp, lrng = xs
-        x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate, rules, splash)
+        x, _ = _layer(cfg, dtype, mesh, x, lp, cos, sin, mask, None, cache_index, lrng, dropout_rate, rules, kernel)
         return x, None
 
     if remat != "none":
