@@ -10,8 +10,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-EXTRAS=test
+EXTRAS="test"
 if [ "${JAXSR_SETUP_TPU:-1}" != 0 ] && [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
-  EXTRAS=test,tpu
+  EXTRAS="test,tpu"
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$EXTRAS]"
