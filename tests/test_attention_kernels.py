@@ -10,21 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsr.model import ModelConfig, ShardingError, decoder, make_mesh
+from jaxsr.model import ShardingError, decoder, make_mesh
 from jaxsr.model.attention_kernels import block_size, kernel_for, splash_attention
+from kernel_checks import assert_close, assert_loss_and_gradients_equal_xla, prefill_with_and_without, tiny
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install jaxsr[tpu])")
-
-
-def assert_close(ours, ref, what=""):
-    """float32 agreement: max |difference| within 1e-5 of the reference's magnitude."""
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert np.isfinite(ours).all(), what
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= 1e-5 * scale, f"{what}: max |difference| {err:.3g} at magnitude {scale:.3g}"
-    print(f"{what}: max |difference| {err:.3g} at magnitude {scale:.3g}")  # shown with pytest -s
-    return err
 
 
 def _reference(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, valid_BxT, segment_ids_BxT, sliding_window):
@@ -132,11 +123,6 @@ def test_choice_rules():
 
 # --- the whole model ---------------------------------------------------------------------------------------------
 
-def tiny(**kw):
-    return ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=16, **kw)
-
-
 def _batch(T=160):
     r = np.random.default_rng(3)
     ids = jnp.asarray(r.integers(0, 97, (4, T)), jnp.int32)
@@ -171,12 +157,7 @@ def test_packed_forward_and_gradient_with_splash_equal_xla():
         tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         return -jnp.sum(tok * valid[:, 1:])
 
-    grad = jax.jit(jax.value_and_grad(loss), static_argnames="attention")
-    (l_ref, g_ref), (l_ours, g_ours) = grad(params, "xla"), grad(params, "splash")
-    assert_close(l_ours, l_ref, "loss")
-    for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
-        b = functools.reduce(lambda t, k: t[k.key], path, g_ref)
-        assert_close(a, b, jax.tree_util.keystr(path))
+    assert_loss_and_gradients_equal_xla(loss, params, "splash")
 
 
 def test_prefill_with_splash_equals_xla():
@@ -184,16 +165,8 @@ def test_prefill_with_splash_equals_xla():
     cfg = tiny()
     params = decoder.init_params(cfg, jax.random.key(2), std=0.2)
     ids, mask = _batch(144)
-    B, P = ids.shape
-    valid_BxS = jnp.concatenate([mask, jnp.zeros((B, 16), bool)], axis=1)
-
-    @functools.partial(jax.jit, static_argnames="attention")
-    def prefill(params, attention):
-        cache = decoder.KVCache.zeros(cfg, B, P + 16, jnp.float32)._replace(valid_BxS=valid_BxS)
-        return decoder.hidden_states(params, cfg, ids, decoder.positions_from_mask(mask), valid_BxS, cache=cache,
-                                     cache_index=0, attention=attention)
-
-    (h_ref, c_ref), (h, c) = prefill(params, "xla"), prefill(params, "splash")
+    P = ids.shape[1]
+    (h_ref, c_ref), (h, c) = prefill_with_and_without(params, cfg, ids, mask, "splash", new_slots=16)
     m = np.asarray(mask)
     assert_close(np.asarray(h)[m], np.asarray(h_ref)[m], "hidden states")
     for i in range(cfg.num_layers):  # keys [B, K, E, S] of real slots

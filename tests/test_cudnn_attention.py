@@ -13,21 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsr.model import ModelConfig, ShardingError, ShardingRules, attention_kernels, decoder, make_mesh
+from jaxsr.model import ShardingError, ShardingRules, attention_kernels, decoder, make_mesh
 from jaxsr.model.attention_kernels import CUDNN_MAX_HEAD_DIM, cudnn_attention, kernel_for, rotate_rows
+from kernel_checks import assert_close, assert_loss_and_gradients_equal_xla, prefill_with_and_without, tiny
 
 
 @pytest.fixture
 def xla_stand_in(monkeypatch):
     monkeypatch.setattr(attention_kernels, "CUDNN_IMPLEMENTATION", "xla")
-
-
-def assert_close(ours, ref, what=""):
-    """float32 agreement: max |difference| within 1e-5 of the reference's magnitude."""
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert np.isfinite(ours).all(), what
-    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-    assert err <= 1e-5 * scale, f"{what}: max |difference| {err:.3g} at magnitude {scale:.3g}"
 
 
 def _reference(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, valid_BxT, sliding_window):
@@ -199,11 +192,6 @@ def test_packed_rows_are_refused_by_the_function(xla_stand_in):
 
 # --- the whole model ---------------------------------------------------------------------------------------------
 
-def tiny(**kw):
-    return ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=16, **kw)
-
-
 def _batch(T=40):
     r = np.random.default_rng(3)
     ids = jnp.asarray(r.integers(0, 97, (4, T)), jnp.int32)
@@ -228,11 +216,7 @@ def test_model_loss_and_gradient_with_cudnn_equal_xla(window, xla_stand_in):
         tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         return -jnp.sum(tok * (mask[:, 1:] & mask[:, :-1]))
 
-    grad = jax.jit(jax.value_and_grad(loss), static_argnames="attention")
-    (l_ref, g_ref), (l_ours, g_ours) = grad(params, "xla"), grad(params, "cudnn")
-    assert_close(l_ours, l_ref, "loss")
-    for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
-        assert_close(a, functools.reduce(lambda t, k: t[k.key], path, g_ref), jax.tree_util.keystr(path))
+    assert_loss_and_gradients_equal_xla(loss, params, "cudnn")
 
 
 def test_prefill_with_cudnn_equals_xla(xla_stand_in):
@@ -240,16 +224,7 @@ def test_prefill_with_cudnn_equals_xla(xla_stand_in):
     cfg = tiny()
     params = decoder.init_params(cfg, jax.random.key(2), std=0.2)
     ids, mask = _batch(24)
-    B, P = ids.shape
-    valid_BxS = jnp.concatenate([mask, jnp.zeros((B, 8), bool)], axis=1)
-
-    @functools.partial(jax.jit, static_argnames="attention")
-    def prefill(params, attention):
-        cache = decoder.KVCache.zeros(cfg, B, P + 8, jnp.float32)._replace(valid_BxS=valid_BxS)
-        return decoder.hidden_states(params, cfg, ids, decoder.positions_from_mask(mask), valid_BxS, cache=cache,
-                                     cache_index=0, attention=attention)
-
-    (h_ref, _), (h, _) = prefill(params, "xla"), prefill(params, "cudnn")
+    (h_ref, _), (h, _) = prefill_with_and_without(params, cfg, ids, mask, "cudnn", new_slots=8)
     m = np.asarray(mask)
     assert_close(np.asarray(h)[m], np.asarray(h_ref)[m], "hidden states")
 
