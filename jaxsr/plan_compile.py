@@ -374,8 +374,11 @@ def compile_plan(model_cfg, run_cfg, topology: str, *, devices=None, programs: t
             compiled[name] = variants[variant]
             prefill_variants = {"prefill_variant": variant, "prefill_variant_bytes": sizes_}
         elif name == "decode":
+            # With model.attention auto (or splash) the loop's attention is the Pallas decode kernel, a custom call
+            # whose cache operands the HBM walk counts whole: an upper bound (it reads only the filled blocks).
             compiled[name] = sampler.decode_program(dcfg, d_mesh, run_cfg.model.dtype, d_rules, mode, B, P, N,
-                                                    sampler.EOS_SLOTS, stop_shape)
+                                                    sampler.EOS_SLOTS, stop_shape,
+                                                    attention=run_cfg.model.attention)
         else:
             if name in ("sft_step", "dpo_step"):
                 fn, args = _step_program(name[:3], model_cfg, run_cfg, mesh)

@@ -177,7 +177,7 @@ def _prefill_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, new_bu
 
 @functools.lru_cache(maxsize=64)
 def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, prompt_bucket: int,
-               capture: tuple[tuple[int, ...], ...] | None = None):
+               capture: tuple[tuple[int, ...], ...] | None = None, attention: str = "xla"):
     """Jitted decode: per-row random streams, then one `lax.while_loop` of (sample, feed) until every row is
     done. Returns (tokens_BxN, logprobs_BxN, length_B, eos_B, stopped_B, captured_BxG, iterations of the loop)
     and the spent (cache, logits).
@@ -186,6 +186,10 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
     meets the stop condition, the probability of each group at the next position (the logits the same pass
     computes after the stop token, under the model's unmodified distribution) is kept in `captured_BxG`, so
     nothing runs a second forward over the request for them.
+
+    `attention`: the policy's choice (`attention_kernels.decode_kernel_for`): under auto on TPU (and splash
+    anywhere) each step attends with the Pallas kernel that reads only the cache's filled blocks
+    (`decode_attention`), else with the XLA path over every slot.
 
     Shardings: per-layer parameters as in `_prefill_fn`; the cache as it returns it; logits, per-row flags and
     indices and the outputs over the batch axes; the seed key and knobs replicated. Donates the cache and logits:
@@ -220,7 +224,7 @@ def _decode_fn(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: M
             valid_BxS = jax.lax.dynamic_update_slice_in_dim(s.cache.valid_BxS, jnp.ones((B, 1), bool), slot, axis=1)
             h_Bx1xD, cache = decoder.hidden_states(params, cfg, s.last_B[:, None], s.pos_B[:, None], valid_BxS,
                                                    cache=s.cache._replace(valid_BxS=valid_BxS), cache_index=slot,
-                                                   dtype=DTYPES[dtype], mesh=mesh, rules=rules)
+                                                   dtype=DTYPES[dtype], mesh=mesh, rules=rules, attention=attention)
             return s._replace(cache=cache, logits_BxV=decoder.lm_head(params, cfg, h_Bx1xD, DTYPES[dtype])[:, 0], pos_B=s.pos_B + 1)
 
         def body(s: _State) -> _State:
@@ -288,9 +292,9 @@ def prefix_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, pre
 
 def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mode, batch: int,
                    prompt_bucket: int, new_bucket: int, eos_slots: int, stop_shape: tuple[int, int],
-                   capture: tuple | None = None):
+                   capture: tuple | None = None, attention: str = "xla"):
     """The compiled decode of one chunk shape (see `programs`); `prompt_bucket`: every slot before the new
-    tokens (a shared prefix's included)."""
+    tokens (a shared prefix's included); `attention`: the policy's (see `_decode_fn`)."""
     B, P, S, V = batch, prompt_bucket, prompt_bucket + new_bucket, cfg.vocab_size
     sds = jax.ShapeDtypeStruct
     b1, b2, rep = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules), replicated(mesh)
@@ -303,7 +307,7 @@ def decode_program(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mod
                   sds((), jnp.int32, sharding=rep), sds((eos_slots,), jnp.int32, sharding=rep),
                   sds(stop_shape, jnp.int32, sharding=rep))
     row_i32 = sds((B,), jnp.int32, sharding=b1)
-    return _decode_fn(cfg, mesh, dtype, rules, mode, P, capture).lower(
+    return _decode_fn(cfg, mesh, dtype, rules, mode, P, capture, attention).lower(
         _abstract_params(cfg, mesh, dtype, rules), cache, sds((B, V), jnp.float32, sharding=b2),
         sds((B, P), bool, sharding=b2), sds((B,), bool, sharding=b1), row_i32, row_i32, row_i32,
         sds(key_shape, jnp.uint32, sharding=rep), knobs).compile()
@@ -314,12 +318,13 @@ def programs(cfg: ModelConfig, mesh, dtype: str, rules: ShardingRules, mode: Mod
              new_bucket: int, eos_slots: int, stop_shape: tuple[int, int], attention: str = "xla",
              prefill_batch: int | None = None, prefix_bucket: int = 0, capture: tuple | None = None):
     """The compiled (prefill, decode) of one chunk shape. Compiled ahead of time from abstract arguments, so
-    chunks running in parallel threads never compile the same program twice. `attention`: the prefill's;
+    chunks running in parallel threads never compile the same program twice. `attention`: the policy's (the
+    prefill's kernel, and the decode step's: `_decode_fn`);
     `prefill_batch`, `prefix_bucket`: see `prefill_program`; `capture`: see `_decode_fn`."""
     return (prefill_program(cfg, mesh, dtype, rules, batch, prompt_bucket, new_bucket, attention, prefill_batch,
                             prefix_bucket),
             decode_program(cfg, mesh, dtype, rules, mode, batch, prefix_bucket + prompt_bucket, new_bucket,
-                           eos_slots, stop_shape, capture))
+                           eos_slots, stop_shape, capture, attention))
 
 
 def prefill_rows(chunk, batch: int, groups: int) -> list[list[int]]:

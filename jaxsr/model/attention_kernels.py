@@ -10,7 +10,8 @@ and a padding query sees only padding (its output is discarded, as the XLA path'
 
 The shared-prefix DPO row (`branch_ids_BxT`: a branch sees the prefix and itself, not the other branch) is not an
 equality of ids, so it stays on the XLA path (`dpo.shared_prompt=false` lays pairs out as two rows, which splash
-runs). Decode steps (one query over the cache) stay on the XLA path too.
+runs). Decode steps (one query over the cache) have their own Pallas kernel, `decode_attention`, which reads only
+the cache's filled blocks (`decode_kernel_for`).
 
 cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) takes a causal mask, a sliding window and per-row
 sequence lengths, which assume each row's real tokens are one run from slot 0. jaxsr rows are left- or right-padded,
@@ -102,6 +103,14 @@ def kernel_for(attention: str, platform: str, *, branch: bool, packed: bool, dty
     if platform == "tpu":
         return "splash"
     return "cudnn" if platform == "gpu" and not packed and why_not is None else "xla"
+
+
+def decode_kernel_for(attention: str, platform: str) -> str:
+    """Which attention a decode step (one query per row over the KV cache) runs: "pallas" (`decode_attention`: reads
+    only the cache's filled blocks) under splash (the Pallas choice; off TPU in interpret mode) and under auto on
+    TPU; "xla" (every slot of the cache, masked) otherwise: cuDNN has no decode kernel here."""
+    check_choice(attention)
+    return "pallas" if attention == "splash" or (attention == "auto" and platform == "tpu") else "xla"
 
 
 def block_size(T: int) -> int:

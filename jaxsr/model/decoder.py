@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import attention_kernels
+from . import attention_kernels, decode_attention
 from .config import ModelConfig, rope_inv_freq
 from .sharding import DEFAULT_RULES, ShardingRules
 
@@ -271,13 +271,18 @@ def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale, *, caus
     return jnp.einsum("bkgts,bkse->btkge", p_BxKxGxTxS, v_BxKxSxE).reshape(B, T, H, E)
 
 
+def _decode_kernel(q_Bx1xHxE, k_BxKxExS, v_BxKxSxE, **kw):
+    return decode_attention.decode_attention(q_Bx1xHxE[:, 0], k_BxKxExS, v_BxKxSxE, **kw)[:, None]
+
+
 def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate,
            rules: ShardingRules = DEFAULT_RULES, kernel=None):
     """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxExS, v_BxKxSxE) to write into.
 
     `dtype` is the matmul dtype; the activations are `x_BxTxD.dtype` (see `activation_dtype`). `kernel`: None, or
     (q, k, v) -> attention of this chunk over its own keys by a kernel (splash or cuDNN, `attention_kernels`), used
-    in place of `mask` when the keys are this chunk's (no cache, or a prefill into an empty cache).
+    in place of `mask` when the keys are this chunk's (no cache, or a prefill into an empty cache); in a decode
+    step, (q, cache keys, cache values) -> attention over the cache's filled blocks (`decode_attention`).
     """
     act = x_BxTxD.dtype
     # Matmul weights stay as stored: `matmul` casts them (and returns their gradient in the stored dtype).
@@ -316,6 +321,9 @@ def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv,
             # A prefill into an empty cache: the keys are this chunk's, so skip the (empty) slots after it.
             attn = _gqa_attention(q, ck[..., :T].astype(act), cv[:, :, :T].astype(act), mask[..., :T],
                                   cfg.head_dim ** -0.5, causal_blocks=True)
+        elif kernel is not None:
+            # A decode step by the Pallas kernel that reads only the cache's filled blocks (decode_attention).
+            attn = kernel(q, ck, cv)
         else:
             attn = _gqa_attention(q, ck.astype(act), cv.astype(act), mask, cfg.head_dim ** -0.5)
     # One contracting dim (h*e): with two, XLA:CPU may pick (e, h) order and transpose wo to match, which inside
@@ -356,8 +364,9 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     lays several continuations of one shared prefix side by side in a row: see `attention_mask`; each
     branch's positions continue from the prefix's. `rules`: the layout `params` and the batch are on (the
     activations' shardings follow it). `attention`: xla, splash, cudnn or auto (`attention_kernels.kernel_for`):
-    the implementation of a chunk's attention over its own keys (no cache, or a prefill into an empty cache); decode
-    steps always take the XLA path.
+    the implementation of a chunk's attention over its own keys (no cache, or a prefill into an empty cache); a
+    decode step (T = 1 into a cache) takes the Pallas kernel that reads only the filled blocks under splash, and
+    under auto on TPU (`attention_kernels.decode_kernel_for`), else the XLA path.
     """
     T = ids_BxT.shape[1]
     for name, ids in (("segment_ids_BxT (packed sequences)", segment_ids_BxT),
@@ -379,7 +388,11 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
     which = "xla" if not own_keys else attention_kernels.kernel_for(
         attention, platform, branch=branch_ids_BxT is not None, packed=segment_ids_BxT is not None, dtype=act,
         head_dim=cfg.head_dim)
-    if which != "xla":
+    if not own_keys and T == 1 and attention_kernels.decode_kernel_for(attention, platform) != "xla":
+        kernel = functools.partial(_decode_kernel, valid_BxS=kv_valid_BxS, slot=cache_index,
+                                   scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, mesh=mesh,
+                                   rules=rules, interpret=platform != "tpu")
+    elif which != "xla":
         kernel = functools.partial(
             attention_kernels.splash_attention if which == "splash" else attention_kernels.cudnn_attention,
             valid_BxT=kv_valid_BxS[:, :T], scale=cfg.head_dim ** -0.5, segment_ids_BxT=segment_ids_BxT,
