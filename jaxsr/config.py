@@ -112,7 +112,8 @@ class ModelSection:
         materialised), splash (the Pallas splash kernel; off TPU in interpret mode, for tests), cudnn (cuDNN flash
         attention: NVIDIA GPUs, model.dtype=bfloat16, head_dim <= 128, no packed rows; tested on CPU through XLA
         only) or auto (splash on TPU, cudnn on an NVIDIA GPU where it applies, xla elsewhere). Shared-prompt DPO
-        rows and decode steps always take the XLA path.
+        rows always take the XLA path. Decode steps take the Pallas decode kernel (reads only the KV cache's filled
+        blocks) under splash, and under auto on TPU; the XLA path otherwise.
     """
 
     path: str = ""
