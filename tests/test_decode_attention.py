@@ -144,3 +144,37 @@ def test_the_decode_loop_with_the_kernel_compiles_for_tpu():
     weight = cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim // 4  # the smallest weight, per device
     gathers = plan_compile.loop_collectives(hlo["auto"])["all_gathers"]
     assert [n for n in gathers if n >= weight] == []
+
+
+@needs_libtpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim,slots,window,dtype", [
+    (14, 2, 64, 2048, None, "bfloat16"),    # Qwen2.5-0.5B: 7 query heads per kv head (not a power of two)
+    (32, 8, 128, 3072, None, "bfloat16"),   # Llama 3.1 8B: head_dim 128, 6 blocks of 512
+    (16, 4, 64, 1536, 512, "bfloat16"),     # Mistral-like sliding window
+    (8, 2, 128, 1000, None, "float32"),     # a cache no block divides: one block of all 1,000 slots
+])
+def test_the_kernel_lowers_for_tpu_at_real_model_shapes(heads, kv_heads, head_dim, slots, window, dtype):
+    """Mosaic accepts the kernel's blocks for the head counts, head sizes, GQA ratios and cache lengths of real
+    models (its tiling rules bind on the last two dimensions of every block), sharded over v5e:2x2 as data 2 x
+    tensor 2: an ahead-of-time compile holds the kernel's custom call."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsr import plan_compile
+    from jaxsr.model import make_mesh
+
+    mesh = make_mesh(2, 1, 2, devices=plan_compile.abstract_devices(plan_compile.parse_topology("v5e:2x2")))
+    rows, batch = 16, ("data", "fsdp")
+
+    def arg(shape, spec, dt=dtype):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=NamedSharding(mesh, spec))
+
+    q = arg((rows, heads, head_dim), P(batch, "tensor", None))
+    k = arg((rows, kv_heads, head_dim, slots), P(batch, "tensor", None, None))
+    v = arg((rows, kv_heads, slots, head_dim), P(batch, "tensor", None, None))
+    valid = arg((rows, slots), P(batch, None), "bool")
+    slot = arg((), P(), "int32")
+    attend = jax.jit(lambda q, k, v, valid, slot: da.decode_attention(
+        q, k, v, valid, slot, head_dim ** -0.5, sliding_window=window, mesh=mesh))
+    hlo = attend.lower(q, k, v, valid, slot).compile().as_text()
+    assert "jaxsr_decode_attention" in hlo and "tpu_custom_call" in hlo
