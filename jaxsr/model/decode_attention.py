@@ -141,3 +141,8 @@ def decode_attention(q_BxHxE, k_BxKxExS, v_BxKxSxE, valid_BxS, slot, scale: floa
                          ("", "BKGE", "BKES", "BKSE", "B1S"), "BKGE")
     out_BxKxGxE = attend(bounds, q_BxHxE.reshape(B, K, H // K, E), k_BxKxExS, v_BxKxSxE, valid_Bx1xS)
     return out_BxKxGxE.reshape(B, H, E)
+
+
+def decode_step(q_Bx1xHxE, k_BxKxExS, v_BxKxSxE, **kw):
+    """`decode_attention` for the decoder's layout of a decode step's query, [B, 1, H, E]: [B, 1, H, E]."""
+    return decode_attention(q_Bx1xHxE[:, 0], k_BxKxExS, v_BxKxSxE, **kw)[:, None]

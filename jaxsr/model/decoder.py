@@ -271,10 +271,6 @@ def _gqa_attention(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, mask_Bx1xTxS, scale, *, caus
     return jnp.einsum("bkgts,bkse->btkge", p_BxKxGxTxS, v_BxKxSxE).reshape(B, T, H, E)
 
 
-def _decode_kernel(q_Bx1xHxE, k_BxKxExS, v_BxKxSxE, **kw):
-    return decode_attention.decode_attention(q_Bx1xHxE[:, 0], k_BxKxExS, v_BxKxSxE, **kw)[:, None]
-
-
 def _layer(cfg: ModelConfig, dtype, mesh, x_BxTxD, lp, cos, sin, mask, cache_kv, cache_index, rng, dropout_rate,
            rules: ShardingRules = DEFAULT_RULES, kernel=None):
     """One decoder block. `cache_kv` is None (keys = this chunk) or (k_BxKxExS, v_BxKxSxE) to write into.
@@ -389,7 +385,7 @@ def hidden_states(params: Params, cfg: ModelConfig, ids_BxT, positions_BxT, kv_v
         attention, platform, branch=branch_ids_BxT is not None, packed=segment_ids_BxT is not None, dtype=act,
         head_dim=cfg.head_dim)
     if not own_keys and T == 1 and attention_kernels.decode_kernel_for(attention, platform) != "xla":
-        kernel = functools.partial(_decode_kernel, valid_BxS=kv_valid_BxS, slot=cache_index,
+        kernel = functools.partial(decode_attention.decode_step, valid_BxS=kv_valid_BxS, slot=cache_index,
                                    scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, mesh=mesh,
                                    rules=rules, interpret=platform != "tpu")
     elif which != "xla":
